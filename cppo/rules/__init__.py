@@ -1,0 +1,53 @@
+"""Trust-region rules for LLM RL: CPPO and the baselines it is compared with.
+
+Public API::
+
+    from cppo.rules import cppo_mask, dppo_mask            # functional masks
+    from cppo.rules import get_rule, available_rules, register_rule
+    from cppo.rules import RuleBatch, RuleOutput, aggregate_loss
+
+    rule = get_rule("cppo")
+    out = rule(RuleBatch(logp, logp_mu, advantages, response_mask, divergence=D), cfg)
+    loss = aggregate_loss(out.per_token_loss, response_mask, cfg.get("loss_agg_mode", ...))
+
+Registered rules: grpo, cispo, dppo, cppo, trm_max, trm_avg, minpro (one module each).
+"""
+
+from cppo.rules import cispo, cppo, dppo, grpo, minpro, trm  # noqa: F401  (registration)
+from cppo.rules.aggregation import AGGREGATION_MODES, aggregate_loss
+from cppo.rules.base import RuleBatch, RuleOutput
+from cppo.rules.cppo import CPPOGate, cppo_gate, cppo_mask, cppo_soft_weight, masked_quantile
+from cppo.rules.dppo import dppo_mask
+from cppo.rules.registry import (
+    Param,
+    Rule,
+    RuleConfigError,
+    UnknownRuleError,
+    available_rules,
+    get_rule,
+    register_rule,
+    resolve_config,
+    rule_divergence,
+)
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "CPPOGate",
+    "Param",
+    "Rule",
+    "RuleBatch",
+    "RuleConfigError",
+    "RuleOutput",
+    "UnknownRuleError",
+    "aggregate_loss",
+    "available_rules",
+    "cppo_gate",
+    "cppo_mask",
+    "cppo_soft_weight",
+    "dppo_mask",
+    "get_rule",
+    "masked_quantile",
+    "register_rule",
+    "resolve_config",
+    "rule_divergence",
+]

@@ -1,0 +1,247 @@
+"""Rule registry: ``register_rule(name)``, ``get_rule(name)``, ``available_rules()``.
+
+A rule is registered with a parameter schema; calling it validates the config (unknown keys,
+wrong types and out-of-range values raise :class:`RuleConfigError` naming the key) and fills
+in defaults before the rule body sees it. Every rule accepts the common keys
+
+* ``rule``: the registry name (optional; must match when given),
+* ``loss_agg_mode`` / ``horizon``: how the caller should aggregate the per-token loss,
+* ``log_ratio_clamp``: clamp of log(pi/mu) before exp (default 20, None disables),
+
+and rules that read a divergence also accept ``divergence`` (kind), ``topk`` and
+``sampled_token``, which tell the caller what to compute into ``RuleBatch.divergence``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES
+from cppo.rules.aggregation import AGGREGATION_MODES
+from cppo.rules.base import RuleBatch, RuleOutput
+
+__all__ = [
+    "Param",
+    "Rule",
+    "RuleConfigError",
+    "UnknownRuleError",
+    "register_rule",
+    "get_rule",
+    "available_rules",
+    "resolve_config",
+    "rule_divergence",
+    "COMMON_PARAMS",
+    "divergence_params",
+]
+
+
+class UnknownRuleError(ValueError):
+    """Raised by get_rule for a name that is not registered."""
+
+
+class RuleConfigError(ValueError):
+    """Raised when a rule config has an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One config parameter: default, accepted type, optional choices / range check."""
+
+    default: Any
+    kind: type
+    optional: bool = False  # None is a valid value
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""  # human-readable form of `check`
+    help: str = ""
+
+    def validate(self, rule: str, key: str, value: Any) -> Any:
+        where = f"rule {rule!r}: config key {key!r}"
+        if value is None:
+            if self.optional:
+                return None
+            raise RuleConfigError(f"{where} must not be None")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise RuleConfigError(f"{where} must be true/false, got {value!r}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RuleConfigError(f"{where} must be a number, got {value!r}")
+            value = float(value)
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RuleConfigError(f"{where} must be an integer, got {value!r}")
+        elif not isinstance(value, self.kind):
+            raise RuleConfigError(f"{where} must be a {self.kind.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise RuleConfigError(
+                f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}"
+            )
+        if self.check is not None and not self.check(value):
+            raise RuleConfigError(f"{where} must satisfy {self.requirement}; got {value!r}")
+        return value
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+COMMON_PARAMS: dict[str, Param] = {
+    "rule": Param(None, str, optional=True, help="registry name"),
+    "loss_agg_mode": Param("token-mean", str, choices=AGGREGATION_MODES),
+    "horizon": Param(None, int, optional=True, check=_positive, requirement="> 0"),
+    "log_ratio_clamp": Param(20.0, float, optional=True, check=_positive, requirement="> 0"),
+}
+
+
+def divergence_params(kind: str, topk: int = 20) -> dict[str, Param]:
+    """Schema of the keys that say which divergence the caller must compute."""
+    return {
+        "divergence": Param(kind, str, choices=DIVERGENCE_KINDS),
+        "topk": Param(topk, int, check=_positive, requirement="> 0"),
+        "sampled_token": Param("extra", str, choices=SAMPLED_TOKEN_MODES),
+    }
+
+
+RuleFn = Callable[[RuleBatch, dict[str, Any]], RuleOutput]
+
+
+class Rule:
+    """A registered rule: ``rule(batch, cfg) -> RuleOutput`` with config validation."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: RuleFn,
+        params: Mapping[str, Param],
+        needs_divergence: bool,
+        check: Callable[[dict[str, Any]], None] | None = None,
+        kl_fallback: bool = False,
+    ):
+        self.name = name
+        self.fn = fn
+        self.params = dict(params)
+        self.needs_divergence = needs_divergence
+        self.kl_fallback = kl_fallback
+        self._check = check
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.params.items() if k != "rule"}
+
+    def resolve(self, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validate ``cfg`` and return it with defaults filled in."""
+        cfg = dict(cfg or {})
+        for key in cfg:
+            if key not in self.params:
+                close = difflib.get_close_matches(key, self.params, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RuleConfigError(
+                    f"rule {self.name!r}: unknown config key {key!r}{hint}; valid keys: "
+                    f"{', '.join(sorted(self.params))}"
+                )
+        if cfg.get("rule") not in (None, self.name):
+            raise RuleConfigError(
+                f"rule {self.name!r}: config key 'rule' is {cfg['rule']!r}, expected {self.name!r}"
+            )
+        out = {
+            k: p.validate(self.name, k, cfg.get(k, p.default))
+            for k, p in self.params.items()
+            if k != "rule"
+        }
+        if self._check is not None:
+            self._check(out)
+        return out
+
+    def divergence(self, cfg: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """What the caller must put into ``RuleBatch.divergence`` (None if nothing)."""
+        if not self.needs_divergence:
+            return None
+        c = self.resolve(cfg)
+        return {"kind": c["divergence"], "topk": c["topk"], "sampled_token": c["sampled_token"]}
+
+    def __call__(self, batch: RuleBatch, cfg: Mapping[str, Any] | None = None) -> RuleOutput:
+        resolved = self.resolve(cfg)
+        has_kl = self.kl_fallback and batch.kl is not None
+        if self.needs_divergence and batch.divergence is None and not has_kl:
+            raise ValueError(
+                f"rule {self.name!r} needs batch.divergence ({resolved['divergence']}, "
+                f"K={resolved['topk']})"
+            )
+        return self.fn(batch, resolved)
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r})"
+
+
+_REGISTRY: dict[str, Rule] = {}
+
+
+def register_rule(
+    name: str,
+    *,
+    params: Mapping[str, Param] | None = None,
+    divergence: str | None = None,
+    topk: int = 20,
+    check: Callable[[dict[str, Any]], None] | None = None,
+    kl_fallback: bool = False,
+) -> Callable[[RuleFn], Rule]:
+    """Decorator registering ``fn(batch, cfg)`` under ``name``.
+
+    Args:
+        params: the rule's own parameters (common ones are added).
+        divergence: default divergence kind when the rule reads one (adds the divergence keys).
+        topk: default K for Top-K divergences.
+        check: cross-parameter validation on the resolved config (raise RuleConfigError).
+        kl_fallback: the rule may read ``RuleBatch.kl`` when ``divergence`` is None.
+    """
+
+    def deco(fn: RuleFn) -> Rule:
+        if name in _REGISTRY:
+            raise ValueError(f"rule {name!r} is already registered")
+        schema = dict(COMMON_PARAMS)
+        if divergence is not None:
+            schema.update(divergence_params(divergence, topk))
+        schema.update(params or {})
+        rule = Rule(
+            name,
+            fn,
+            schema,
+            needs_divergence=divergence is not None,
+            check=check,
+            kl_fallback=kl_fallback,
+        )
+        _REGISTRY[name] = rule
+        return rule
+
+    return deco
+
+
+def available_rules() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_rule(name: str) -> Rule:
+    """The registered rule ``name``; a clear error listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownRuleError(
+            f"unknown rule {name!r}{hint}; valid rules: {', '.join(available_rules())}"
+        ) from None
+
+
+def resolve_config(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a method config against rule ``name`` and fill in its defaults."""
+    return get_rule(name).resolve(cfg)
+
+
+def rule_divergence(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """{kind, topk, sampled_token} the caller must compute for rule ``name``, or None."""
+    return get_rule(name).divergence(cfg)
