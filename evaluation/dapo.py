@@ -20,6 +20,7 @@ TAIL_CHARS = 300
 
 _ANSWER_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
+# fmt: off
 _SUBSTITUTIONS = [
     ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""),
     ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
@@ -31,6 +32,7 @@ _REMOVED = [
     "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}",
     r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots",
 ]
+# fmt: on
 
 
 def format_prompt(problem: str) -> str:

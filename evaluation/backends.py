@@ -1,0 +1,282 @@
+"""Sampling backends behind one interface.
+
+``get_backend("transformers" | "vllm", model=path_or_model, tokenizer=..., **kw)`` returns an
+object with ``.tokenizer`` and
+``.generate(prompts, *, n, temperature, top_p, max_new_tokens, seed) -> list[list[Sample]]``
+(``n`` samples per prompt, in prompt order). Prompts are chat-formatted strings; they are
+tokenised without adding special tokens (the chat template already has them).
+
+Sampling is exactly "temperature + nucleus": no top-k, min-p, repetition penalty or other
+default a model's ``generation_config.json`` might carry (Qwen3 ships top_k=20, for instance).
+``temperature == 0`` means greedy decoding. Every sample records whether it was cut at
+``max_new_tokens`` (``truncated``: no end-of-sequence token was produced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    n_tokens: int
+    truncated: bool
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    # Distinct, reproducible seed per generation batch.
+    return (int(seed) * 1_000_003 + batch_index) % (2**63 - 1)
+
+
+class TransformersBackend:
+    """``model.generate`` with left-padded batches, on whatever device the model is on.
+
+    Args:
+        model: a model directory / hub id, or an in-memory ``PreTrainedModel`` (used as is).
+        tokenizer: a tokenizer, a path, or None (then loaded from ``model``'s path).
+        batch_size: sequences per ``generate`` call (prompts x samples are flattened).
+        device, dtype: only used when loading ``model`` from a path.
+        revision: hub revision when loading from a hub id.
+        progress: show a tqdm bar over generation batches.
+
+    Seeds: batch ``b`` is sampled after ``torch.manual_seed(f(seed, b))`` inside
+    ``torch.random.fork_rng`` so the caller's RNG state (e.g. a trainer's) is untouched.
+    Outputs are reproducible for a fixed (seed, batch_size, prompts, device).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        batch_size: int = 32,
+        device: str | None = None,
+        dtype: str | None = None,
+        revision: str | None = None,
+        progress: bool = False,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            path = str(model)
+            kwargs = {"revision": revision} if revision else {}
+            if dtype and dtype != "auto":
+                import torch
+
+                kwargs["dtype"] = getattr(torch, dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if device:
+                model = model.to(device)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    path, **({"revision": revision} if revision else {})
+                )
+        if isinstance(tokenizer, str) or hasattr(tokenizer, "__fspath__"):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        if tokenizer is None:
+            raise ValueError("an in-memory model needs its tokenizer")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.progress = progress
+        self.name = (
+            getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        )
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if value is None:
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and int(v) not in ids:
+                    ids.append(int(v))
+        if not ids:
+            raise ValueError("neither the model nor the tokenizer defines an eos token")
+        return ids
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[list[Sample]]:
+        import torch
+        from transformers import GenerationConfig
+
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError("n and max_new_tokens must be >= 1")
+        model, tok = self.model, self.tokenizer
+        eos_ids = self._eos_ids()
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+        greedy = temperature <= 0
+        # A fresh config: nothing from the checkpoint's generation_config.json leaks in.
+        gen_config = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else float(temperature),
+            top_p=None if greedy else float(top_p),
+            top_k=None if greedy else 0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            max_new_tokens=int(max_new_tokens),
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        flat = [(p, s) for p in range(len(prompts)) for s in range(n)]
+        out: list[list[Sample | None]] = [[None] * n for _ in prompts]
+        device = next(model.parameters()).device
+        was_training = model.training
+        saved_config = getattr(model, "generation_config", None)
+        model.eval()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(flat), desc="generating", unit="sample", leave=False)
+        old_side, old_pad = tok.padding_side, tok.pad_token
+        tok.padding_side = "left"
+        if tok.pad_token is None:  # padding needs some token; its id is masked out anyway
+            tok.pad_token = tok.convert_ids_to_tokens(pad_id)
+        devices = [device] if device.type == "cuda" else []
+        try:
+            model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+            for b, start in enumerate(range(0, len(flat), self.batch_size)):
+                chunk = flat[start : start + self.batch_size]
+                enc = tok(
+                    [prompts[p] for p, _ in chunk],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                ).to(device)
+                with torch.random.fork_rng(devices=devices), torch.no_grad():
+                    torch.manual_seed(_batch_seed(seed, b))
+                    generated = model.generate(
+                        input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"],
+                        generation_config=gen_config,
+                    )
+                new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
+                for (p, s), ids in zip(chunk, new_tokens, strict=True):
+                    out[p][s] = self._to_sample(ids, eos_ids)
+                if bar is not None:
+                    bar.update(len(chunk))
+                if on_batch is not None:
+                    on_batch(len(chunk))
+        finally:
+            tok.padding_side = old_side
+            if old_pad is None:
+                tok.pad_token = None
+            if saved_config is not None:
+                model.generation_config = saved_config
+            if was_training:
+                model.train()
+            if bar is not None:
+                bar.close()
+        return out  # type: ignore[return-value]
+
+    def _to_sample(self, ids: list[int], eos_ids: list[int]) -> Sample:
+        eos = set(eos_ids)
+        end = next((i for i, t in enumerate(ids) if t in eos), None)
+        if end is None:
+            # No end-of-sequence token: generation stopped at max_new_tokens.
+            kept, truncated, n_tokens = ids, True, len(ids)
+        else:
+            kept, truncated, n_tokens = ids[:end], False, end + 1
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Sample(text=text, n_tokens=n_tokens, truncated=truncated)
+
+
+class VLLMBackend:
+    """vLLM's offline ``LLM`` (GPU). vLLM is imported only when this backend is built.
+
+    Each prompt gets its own ``SamplingParams(n, temperature, top_p, top_k=-1, max_tokens,
+    seed=seed + prompt_index)``; the model's generation_config is ignored
+    (``generation_config="vllm"``) so only these parameters apply. ``truncated`` is
+    ``finish_reason == "length"``.
+    """
+
+    def __init__(self, model, tokenizer=None, *, revision: str | None = None, **llm_kwargs):
+        try:
+            import vllm
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "the vllm backend needs the `gpu` extra (pip install 'cppo-repro[gpu]')"
+            ) from exc
+        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__"):
+            raise TypeError("the vllm backend loads models by path or hub id")
+        self._vllm = vllm
+        kwargs = {"generation_config": "vllm", **llm_kwargs}
+        if revision:
+            kwargs["revision"] = revision
+        if tokenizer is not None and isinstance(tokenizer, str):
+            kwargs["tokenizer"] = tokenizer
+        self.llm = vllm.LLM(model=str(model), **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.name = str(model)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[list[Sample]]:
+        vllm = self._vllm
+        greedy = temperature <= 0
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else float(temperature),
+                top_p=1.0 if greedy else float(top_p),
+                top_k=-1,
+                max_tokens=int(max_new_tokens),
+                seed=int(seed) + i,
+            )
+            for i in range(len(prompts))
+        ]
+        requests = [
+            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=True)
+        result = []
+        for request_output in outputs:
+            samples = [
+                Sample(
+                    text=o.text,
+                    n_tokens=len(o.token_ids),
+                    truncated=o.finish_reason == "length",
+                )
+                for o in request_output.outputs
+            ]
+            result.append(samples)
+        if on_batch is not None:
+            on_batch(len(prompts) * n)
+        return result
+
+
+def get_backend(name: str, *, model, tokenizer=None, **kwargs):
+    """Build a sampling backend by name ("transformers" or "vllm")."""
+    if name == "transformers":
+        return TransformersBackend(model, tokenizer, **kwargs)
+    if name == "vllm":
+        return VLLMBackend(model, tokenizer, **kwargs)
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
