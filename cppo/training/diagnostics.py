@@ -1,0 +1,245 @@
+"""Per-optimizer-step diagnostics and the run's metrics.jsonl.
+
+Micro-steps add sums and counts (device tensors, no host sync); at the optimizer-step boundary
+`StepAccumulator.finalize` reduces them over processes and returns one record with exactly the
+keys of the metrics contract (plus the optional deviation bins). Definitions:
+
+- reward/mean, accuracy (reward > 0), length/mean, length/max (completion tokens),
+  truncation_rate, groups/zero_std_fraction: over the responses used in this optimizer step
+  (each response of a rollout batch is used in exactly one step).
+- entropy, divergence/mean, ratio/abs_dev_mean, deviation bins: over all response tokens.
+- mask/*: over the loss-eligible tokens (response tokens of groups kept by mask_std_0):
+  mask/fraction = share of terms the rule masked (as the rule reports it; else the share with
+  keep False); mask/token_fraction and
+  mask/prefix_fraction split it for CPPO (token threshold vs prefix budget; both are shares of
+  all eligible tokens, so the prefix budget's share of masked tokens is their ratio);
+  cppo/delta_b_eff = mean effective delta_b (CPPO only, else null).
+- logprob/rel_error: sum |log mu_engine - log mu_trainer| / sum |log mu_trainer| over response
+  tokens when the rollout engine and the trainer both give log-probs (vLLM), else null.
+- deviation/bin{i}/mean and /top10: |pi(y_t) - mu(y_t)| in relative-position bin i
+  (t / T in [i/n, (i+1)/n)), its mean and the mean of its largest 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAIN_KEYS = (
+    "reward/mean",
+    "accuracy",
+    "length/mean",
+    "length/max",
+    "truncation_rate",
+    "entropy",
+    "grad_norm",
+    "learning_rate",
+    "mask/fraction",
+    "mask/token_fraction",
+    "mask/prefix_fraction",
+    "cppo/delta_b_eff",
+    "divergence/mean",
+    "ratio/abs_dev_mean",
+    "logprob/rel_error",
+    "groups/zero_std_fraction",
+    "time/step_s",
+    "throughput/tokens_per_s",
+)
+# Rule-reported diagnostics that feed the record (weighted by eligible tokens over micro-steps).
+RULE_KEYS = ("mask/fraction", "mask/token_fraction", "mask/prefix_fraction", "cppo/delta_b_eff")
+
+_MEANS = {
+    # record key: (numerator, denominator) accumulator names
+    "reward/mean": ("reward", "responses"),
+    "accuracy": ("correct", "responses"),
+    "length/mean": ("length", "responses"),
+    "truncation_rate": ("truncated", "responses"),
+    "groups/zero_std_fraction": ("zero_std", "responses"),
+    "entropy": ("entropy", "tokens"),
+    "divergence/mean": ("divergence", "tokens"),
+    "ratio/abs_dev_mean": ("abs_dev", "tokens"),
+    "mask/fraction": ("masked", "eligible"),
+}
+_SUMS = (
+    "reward",
+    "correct",
+    "length",
+    "truncated",
+    "zero_std",
+    "responses",
+    "entropy",
+    "divergence",
+    "abs_dev",
+    "tokens",
+    "masked",
+    "eligible",
+    "rel_err_num",
+    "rel_err_den",
+    "processed_tokens",
+)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+class StepAccumulator:
+    """Sums over the micro-steps of one optimizer step."""
+
+    def __init__(self, device: torch.device, deviation_bins: int = 0):
+        self.device = device
+        self.deviation_bins = deviation_bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in _SUMS}
+        self.length_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.has_rel_err = False
+        self.rule = defaultdict(lambda: [0.0, 0.0])  # key -> [sum(value * w), sum(w)]
+        self.deviation: list[list[torch.Tensor]] = [[] for _ in range(self.deviation_bins)]
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        self.sums[name] += torch.as_tensor(value, dtype=torch.float64, device=self.device).sum()
+
+    def add_max(self, value: torch.Tensor) -> None:
+        if value.numel():
+            self.length_max = torch.maximum(self.length_max, value.max().to(torch.float64))
+
+    def add_rule_metrics(self, metrics: dict[str, float], weight: float) -> None:
+        for key in RULE_KEYS:
+            if key in metrics and weight > 0:
+                self.rule[key][0] += float(metrics[key]) * weight
+                self.rule[key][1] += weight
+
+    def add_deviation(self, dev: torch.Tensor, rel_pos: torch.Tensor) -> None:
+        """dev, rel_pos: 1-d tensors over response tokens; rel_pos in [0, 1)."""
+        if not self.deviation_bins or dev.numel() == 0:
+            return
+        bins = (rel_pos * self.deviation_bins).long().clamp(0, self.deviation_bins - 1)
+        for i in range(self.deviation_bins):
+            self.deviation[i].append(dev[bins == i].detach().float())
+
+    def finalize(self, accelerator: Any) -> dict[str, float | None]:
+        """Reduce over processes; returns the record's statistics (without grad_norm, lr, time)."""
+        names = list(_SUMS)
+        local = torch.stack([self.sums[k] for k in names])
+        total = (
+            accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+        )
+        tot = dict(zip(names, total.tolist(), strict=True))
+        lmax = self.length_max
+        if accelerator.num_processes > 1:
+            lmax = accelerator.gather(lmax.reshape(1)).max()
+        out: dict[str, float | None] = {}
+        for key, (num, den) in _MEANS.items():
+            out[key] = tot[num] / tot[den] if tot[den] > 0 else None
+        out["length/max"] = float(lmax) if tot["responses"] > 0 else None
+        out["logprob/rel_error"] = (
+            tot["rel_err_num"] / tot["rel_err_den"] if tot["rel_err_den"] > 0 else None
+        )
+        rule = self._reduce_rule(accelerator)
+        for key in RULE_KEYS:
+            # the rule's own count wins (a soft gate down-weights without zeroing)
+            out[key] = rule.get(key, out.get(key) if key == "mask/fraction" else None)
+        out["_processed_tokens"] = tot["processed_tokens"]
+        out.update(self._deviation_stats(accelerator))
+        return {k: (_finite_or_none(v) if k != "_processed_tokens" else v) for k, v in out.items()}
+
+    def _reduce_rule(self, accelerator: Any) -> dict[str, float]:
+        local = torch.tensor(
+            [v for key in RULE_KEYS for v in self.rule.get(key, [0.0, 0.0])],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if accelerator.num_processes > 1:
+            local = accelerator.reduce(local, reduction="sum")
+        vals = local.tolist()
+        res = {}
+        for i, key in enumerate(RULE_KEYS):
+            s, w = vals[2 * i], vals[2 * i + 1]
+            if w > 0:
+                res[key] = s / w
+        return res
+
+    def _deviation_stats(self, accelerator: Any) -> dict[str, float | None]:
+        res: dict[str, float | None] = {}
+        for i in range(self.deviation_bins):
+            vals = (
+                torch.cat(self.deviation[i])
+                if self.deviation[i]
+                else torch.zeros(0, device=self.device)
+            )
+            if accelerator.num_processes > 1:
+                padded = accelerator.pad_across_processes(vals, dim=0, pad_index=-1.0)
+                vals = accelerator.gather(padded)
+                vals = vals[vals >= 0]
+            if vals.numel() == 0:
+                res[f"deviation/bin{i}/mean"] = None
+                res[f"deviation/bin{i}/top10"] = None
+                continue
+            k = max(1, math.ceil(0.1 * vals.numel()))
+            res[f"deviation/bin{i}/mean"] = float(vals.mean())
+            res[f"deviation/bin{i}/top10"] = float(torch.topk(vals, k).values.mean())
+        return res
+
+
+class MetricsWriter:
+    """Appends JSON records (one per line) to metrics.jsonl, flushed and fsynced per record."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record, allow_nan=False)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_metrics(path: str | Path, max_step: int) -> int:
+    """Keep only records with step <= max_step (a resumed run rewrites what came after). Returns dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    records = []
+    dropped = 0
+    with open(path) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a line cut by the kill
+                continue
+            if rec.get("step", 0) <= max_step:
+                records.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as fh:
+        fh.writelines(records)
+    os.replace(tmp, path)
+    return dropped

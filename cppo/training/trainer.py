@@ -1,0 +1,635 @@
+"""CPPOTrainer: TRL's GRPOTrainer with the loss delegated to a registered trust-region rule.
+
+What is ours (everything else is TRL's generation, batching, accelerate/DeepSpeed/FSDP and vLLM
+plumbing):
+
+- mu recording right after generation, before any update: sampled-token log-probs and, when a
+  Top-K divergence is used, mu's top-K ids + log-probs. With transformers generation they come
+  from the generating model's own no-grad forward (fused head + a backbone hook, see lmhead.py);
+  with vLLM from the engine (logprobs=K), the trainer's recomputation kept for the relative
+  log-prob error. `anchor: recomputed` uses the trainer's recomputation as mu instead.
+- `_compute_loss`: pi's log-probs (fused head) and, through the same hook, pi's log-probs at mu's
+  top-K ids; the divergence the rule asks for; the rule's per-token loss; aggregation with the
+  optimizer step's global normaliser (token or response count of the whole minibatch, so gradient
+  accumulation and data parallelism do not change the objective). Zero-variance groups are
+  dropped from loss and normaliser (mask_std_0). No KL, no entropy term.
+- diagnostics: one metrics.jsonl record per optimizer step, validation records, timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.models import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import RepeatSampler
+
+from cppo.divergence import compute_divergence
+from cppo.rules import RuleBatch, aggregate_loss, get_rule
+from cppo.training.config import CPPOConfig
+from cppo.training.diagnostics import TRAIN_KEYS, MetricsWriter, StepAccumulator
+from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
+from cppo.training.rewards import DapoReward
+from cppo.training.validation import (
+    ValidationFn,
+    evaluate_in_memory,
+    preserved_rng,
+    validation_record,
+    vllm_engine_validation,
+)
+from cppo.training.vllm_rollout import pad_topk, split_vllm_logprobs
+
+
+def resolve_divergence(
+    rule: Any,
+    rule_cfg: dict[str, Any],
+    *,
+    kind: str | None,
+    topk: int | None,
+    sampled_token: str | None,
+    all_methods: bool,
+) -> dict[str, Any]:
+    """Which divergence to compute: the rule's own (method config / rule defaults), else the run's.
+
+    Run-level values (run.yaml `divergence`) given for a rule that reads a divergence must agree
+    with the rule's: a mismatch raises instead of silently overriding either side.
+    Returns {kind, topk, sampled_token, for_rule (fed to the rule), compute (at all)}.
+    """
+    run = {"kind": kind, "topk": topk, "sampled_token": sampled_token}
+    spec = rule.divergence(rule_cfg)
+    if spec is not None:
+        for key, value in run.items():
+            if value is not None and value != spec[key]:
+                raise ValueError(
+                    f"run.yaml divergence.{key}={value!r} disagrees with method '{rule.name}' "
+                    f"({key}={spec[key]!r}); set it in the method config"
+                )
+        return {**spec, "for_rule": True, "compute": True}
+    return {
+        "kind": kind or "topk_tv",
+        "topk": topk or 20,
+        "sampled_token": sampled_token or "extra",
+        "for_rule": False,
+        "compute": bool(all_methods),
+    }
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler, reseeded per epoch so a resumed run sees the same prompt order."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self, trainer: CPPOTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._step_started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer._validate_if_due(0)
+
+
+class RunProgress(TrainerCallback):
+    """A tqdm bar over optimizer steps with the latest reward / accuracy / validation mean."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step"
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        for key, label in (("reward/mean", "reward"), ("accuracy", "acc"), ("val/mean", "val")):
+            if logs.get(key) is not None:
+                self.postfix[label] = f"{logs[key]:.3f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class CPPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose policy loss is the registered rule named in `args.method`."""
+
+    def __init__(
+        self,
+        model: Any,
+        args: CPPOConfig,
+        train_dataset: Any,
+        processing_class: Any,
+        reward_funcs: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        validation_fn: ValidationFn | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, CPPOConfig):
+            raise TypeError("CPPOTrainer needs a CPPOConfig")
+        rule = get_rule(args.method["rule"])
+        self._rule = rule
+        self._rule_cfg = rule.resolve({k: v for k, v in args.method.items()})
+        if reward_funcs is None:
+            reward_funcs = [DapoReward(processing_class)]
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        if self.tools or self.rollout_func is not None or self._is_vlm:
+            raise NotImplementedError("CPPOTrainer supports single-turn text rollouts only")
+        self._div = resolve_divergence(
+            self._rule,
+            self._rule_cfg,
+            kind=args.divergence_kind,
+            topk=args.divergence_topk,
+            sampled_token=args.divergence_sampled_token,
+            all_methods=args.divergence_all_methods,
+        )
+        # mu's top-K is needed when a Top-K divergence is computed (for the rule or diagnostics)
+        self._topk = (
+            self._div["topk"]
+            if self._div["compute"] and self._div["kind"].startswith("topk")
+            else 0
+        )
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._head = HeadCapture(
+            base, head_spec_for(base, self.temperature, args.cast_lm_head_to_fp32)
+        )
+        self._pending_request: HeadRequest | None = None
+        self._reward_stash: torch.Tensor | None = None
+        self._vllm_topk: list | None = None
+        if self.use_vllm:
+            # the engine reports mu's top-K only when mu is the engine (rollout anchor)
+            self.vllm_generation.logprobs = self._topk if args.anchor == "rollout" else 0
+        self._acc = StepAccumulator(self.accelerator.device, args.deviation_bins)
+        self._writer = MetricsWriter(args.metrics_path, enabled=self.accelerator.is_main_process)
+        self._step_started: float | None = None
+        self._validated_steps: set[int] = set()
+        if validation_fn is None:
+            validation_fn = evaluate_in_memory
+        self._validation_fn = validation_fn
+        self.add_callback(_StepClock(self))
+        for cb in (PrinterCallback, ProgressCallback):
+            self.remove_callback(cb)
+        if progress:
+            self.add_callback(RunProgress())
+
+    def _send_telemetry(self) -> None:
+        # research runs stay offline: no usage ping to the hub from the trainer
+        return None
+
+    # ------------------------------------------------------------------ configuration helpers
+
+    def _get_train_sampler(self, dataset=None):
+        if dataset is None:
+            dataset = self.train_dataset
+        return EpochSeededRepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    # ------------------------------------------------------------------ log-prob capture
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    ):
+        req = self._pending_request
+        if req is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._pending_request = None  # one request serves exactly one forward
+        req.logits_to_keep = logits_to_keep
+        with self._head.armed(req):
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        req.finish(logps)
+        return logps, entropies, aux
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        self._reward_stash = rewards_per_func.detach().clone()
+        return rewards_per_func
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        if not (self.use_vllm and self.vllm_generation.logprobs):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        # vLLM with top-K logprobs: TRL's path would keep the rank-1 entry, not the sampled token's.
+        if self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        _, completion_ids, logprobs, token_ids = self.vllm_generation.generate(
+            prompts=prompt_ids,
+            images=images,
+            num_generations=num_generations,
+            profiler=profiling_context(self, "vLLM.generate"),
+        )
+        if logprobs is None or token_ids is None:
+            raise RuntimeError("vLLM returned no logprobs; cannot record mu's top-K")
+        sampled, topk = split_vllm_logprobs(
+            completion_ids, logprobs, token_ids, self.vllm_generation.logprobs
+        )
+        self._vllm_topk = topk
+        return completion_ids, sampled
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        args = self.args
+        want_trainer_topk = self._topk if (not self.use_vllm or args.anchor == "recomputed") else 0
+        req = HeadRequest(
+            logits_to_keep=0, topk=want_trainer_topk, chunk_tokens=args.mu_chunk_tokens
+        )
+        self._pending_request, self._vllm_topk, self._reward_stash = req, None, None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._pending_request = None
+        prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        width = completion_ids.size(1)
+        if req.sampled_logps is None:
+            # TRL computes old log-probs only for off-policy batches; mu must always be recorded.
+            self._pending_request = req
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
+            ):
+                self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([prompt_ids, completion_ids], dim=1),
+                    torch.cat([prompt_mask, completion_mask], dim=1),
+                    width,
+                    batch_size=args.per_device_train_batch_size,
+                )
+        trainer_logps = req.sampled_logps
+        out.pop("old_per_token_logps", None)
+        engine_logps = out.pop("sampling_per_token_logps", None)
+        if self.use_vllm and args.anchor == "rollout":
+            if engine_logps is None:
+                raise RuntimeError(
+                    "anchor 'rollout' needs the engine's log-probs, vLLM returned none"
+                )
+            mu = torch.where(torch.isnan(engine_logps), trainer_logps, engine_logps)
+            if self._topk:
+                ids, lps = pad_topk(self._vllm_topk, width, self._topk, completion_ids.device)
+                out["mu_topk_ids"], out["mu_topk_logps"] = ids, lps
+        else:
+            mu = trainer_logps
+            if self._topk:
+                out["mu_topk_ids"], out["mu_topk_logps"] = req.ids, req.logps
+        out["mu_logps"] = mu
+        if engine_logps is not None:
+            out["trainer_logps"] = trainer_logps
+            out["engine_logps"] = torch.nan_to_num(engine_logps, nan=0.0)
+        self._vllm_topk = None
+        out.update(self._rollout_stats(len(inputs), completion_ids, completion_mask))
+        return out
+
+    def _rollout_stats(
+        self, n_local: int, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    ) -> dict:
+        """Per-response reward, group-variance flag, length and truncation for this process's rows."""
+        if self._reward_stash is None:
+            raise RuntimeError("rewards were not computed")
+        weights = self.reward_weights.to(self._reward_stash.device)
+        rewards_all = (self._reward_stash * weights.unsqueeze(0)).nansum(dim=1)
+        groups = rewards_all.view(-1, self.num_generations)
+        zero_std = (groups.amax(dim=1) == groups.amin(dim=1)).repeat_interleave(
+            self.num_generations
+        )
+        start = self.accelerator.process_index * n_local
+        rows = slice(start, start + n_local)
+        device = completion_ids.device
+        lengths = completion_mask.sum(dim=1)
+        last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        stop_ids = torch.tensor([*self.eos_token_ids, self._tokenizer.pad_token_id], device=device)
+        # a fully masked row can only come from mask_truncated_completions: it was truncated
+        truncated = (lengths == 0) | ~torch.isin(last, stop_ids)
+        lengths = torch.where(
+            lengths == 0, torch.full_like(lengths, self.max_completion_length), lengths
+        )
+        return {
+            "rewards": rewards_all[rows].to(device),
+            "group_keep": (~zero_std[rows]).to(device),
+            "completion_lengths": lengths,
+            "truncated": truncated,
+        }
+
+    # ------------------------------------------------------------------ minibatch normalisers
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        before = self._buffered_inputs
+        batch = super()._prepare_inputs(generation_batch)
+        if self._buffered_inputs is not before:
+            self._attach_normalisers(self._buffered_inputs)
+        return batch
+
+    def _eligible(self, inputs: dict) -> torch.Tensor:
+        mask = inputs["completion_mask"].bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        if self.args.mask_std_0:
+            mask = mask & inputs["group_keep"].unsqueeze(1)
+        return mask
+
+    def _attach_normalisers(self, slices: list[dict]) -> None:
+        """Token and response counts of each optimizer step's whole minibatch (all micro-steps, all processes)."""
+        ga = self.args.gradient_accumulation_steps
+        local = []
+        for s in slices:
+            elig = self._eligible(s)
+            local.append(torch.stack([elig.sum(), elig.any(dim=1).sum()]).to(torch.float64))
+        counts = torch.stack(local).view(-1, ga, 2).sum(dim=1)  # [updates, 2]
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        for i, s in enumerate(slices):
+            s["norm_tokens"], s["norm_responses"] = counts[i // ga, 0], counts[i // ga, 1]
+
+    # ------------------------------------------------------------------ the loss
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        width = completion_ids.size(1)
+        gather_ids = inputs.get("mu_topk_ids")
+        req = HeadRequest(logits_to_keep=width, gather_ids=gather_ids)
+        self._pending_request = req
+        try:
+            logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([prompt_ids, completion_ids], dim=1),
+                torch.cat([prompt_mask, completion_mask], dim=1),
+                width,
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+            )
+        finally:
+            self._pending_request = None
+        resp = completion_mask.bool()
+        if "tool_mask" in inputs:
+            resp = resp & inputs["tool_mask"].bool()
+        mu = inputs["mu_logps"]
+        divergence = None
+        if self._div["compute"]:
+            with torch.no_grad():
+                divergence = compute_divergence(
+                    self._div["kind"],
+                    logp=logps.detach(),
+                    logp_mu=mu,
+                    response_mask=resp,
+                    topk_logp=req.logps,
+                    topk_logp_mu=inputs.get("mu_topk_logps"),
+                    topk_ids=gather_ids,
+                    token_ids=completion_ids,
+                    topk=self._div["topk"],
+                    sampled_token=self._div["sampled_token"],
+                )
+        eligible = self._eligible(inputs)
+        rows = eligible.any(dim=1).nonzero().squeeze(1)
+        cfg = self._rule_cfg
+        mode = cfg["loss_agg_mode"]
+        out = None
+        if rows.numel():
+            batch = RuleBatch(
+                logp=logps[rows],
+                logp_mu=mu[rows],
+                advantages=inputs["advantages"][rows],
+                response_mask=eligible[rows],
+                divergence=divergence[rows] if self._div["for_rule"] else None,
+                seed=self._rule_seed(),
+            )
+            out = self._rule(batch, cfg)
+            norm = inputs["norm_tokens"] if mode == "token-mean" else inputs["norm_responses"]
+            loss = aggregate_loss(
+                out.per_token_loss,
+                batch.response_mask,
+                mode,
+                cfg["horizon"] or self.max_completion_length,
+                normalizer=float(norm) / self.accelerator.num_processes,
+            )
+        else:
+            # nothing to learn from here, but keep the graph connected (DDP / ZeRO expect grads)
+            loss = (logps * 0.0).sum()
+        if self.aux_loss_enabled:
+            loss = (
+                loss
+                + self.router_aux_loss_coef * aux_loss / self.current_gradient_accumulation_steps
+            )
+        self._accumulate(inputs, logps.detach(), entropies, divergence, resp, eligible, rows, out)
+        return loss
+
+    def _rule_seed(self) -> int:
+        # deterministic per micro-step and resume-safe (global_step is restored from checkpoints)
+        ga = self.args.gradient_accumulation_steps
+        micro = self.state.global_step * ga + self._step % ga
+        return (self.args.seed * 1_000_003 + micro) % (2**31 - 1)
+
+    @torch.no_grad()
+    def _accumulate(self, inputs, logps, entropies, divergence, resp, eligible, rows, out) -> None:
+        acc = self._acc
+        rewards = inputs["rewards"]
+        acc.add("responses", float(rewards.numel()))
+        acc.add("reward", rewards)
+        acc.add("correct", (rewards > 0).float())
+        lengths = inputs["completion_lengths"].float()
+        acc.add("length", lengths)
+        acc.add_max(lengths)
+        acc.add("truncated", inputs["truncated"].float())
+        acc.add("zero_std", (~inputs["group_keep"]).float())
+        acc.add("processed_tokens", inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        mu = inputs["mu_logps"]
+        acc.add("tokens", resp.sum())
+        acc.add("entropy", entropies[resp])
+        if divergence is not None:
+            acc.add("divergence", divergence[resp])
+        log_ratio = (logps - mu)[resp]
+        acc.add("abs_dev", (torch.exp(log_ratio) - 1.0).abs())
+        n_elig = int(eligible.sum())
+        acc.add("eligible", float(n_elig))
+        if out is not None:
+            acc.add("masked", (~out.keep & eligible[rows]).sum())
+            acc.add_rule_metrics(out.metrics, float(n_elig))
+        if "trainer_logps" in inputs:
+            acc.add("rel_err_num", (inputs["engine_logps"] - inputs["trainer_logps"]).abs()[resp])
+            acc.add("rel_err_den", inputs["trainer_logps"].abs()[resp])
+        if acc.deviation_bins:
+            dev = (torch.exp(logps) - torch.exp(mu)).abs()[resp]
+            lengths_resp = resp.sum(dim=1, keepdim=True).clamp(min=1)
+            pos = torch.cumsum(resp.long(), dim=1) - 1
+            rel = (pos.float() / lengths_resp.float())[resp]
+            acc.add_deviation(dev, rel)
+
+    # ------------------------------------------------------------------ logging, validation
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_step_log = self.model.training and "loss" in logs and "train_runtime" not in logs
+        if is_step_log:
+            record = self._step_record(logs)
+            self._writer.write(record)
+            for key, value in record.items():
+                if key not in ("kind", "step") and value is not None:
+                    logs.setdefault(key, value)
+        super().log(logs, start_time)
+        if is_step_log:
+            self._validate_if_due(self.state.global_step)
+
+    def _step_record(self, logs: dict[str, float]) -> dict[str, Any]:
+        stats = self._acc.finalize(self.accelerator)
+        self._acc.reset()
+        elapsed = (
+            time.perf_counter() - self._step_started if self._step_started is not None else None
+        )
+        processed = stats.pop("_processed_tokens")
+        stats["grad_norm"] = logs.get("grad_norm")
+        stats["learning_rate"] = logs.get("learning_rate")
+        stats["time/step_s"] = elapsed
+        stats["throughput/tokens_per_s"] = processed / elapsed if elapsed else None
+        if not self._div["compute"]:
+            stats["divergence/mean"] = None
+        record: dict[str, Any] = {"kind": "train", "step": int(self.state.global_step)}
+        for key in TRAIN_KEYS:
+            value = stats.get(key)
+            record[key] = None if value is None or not math.isfinite(float(value)) else float(value)
+        for key, value in stats.items():
+            if key.startswith("deviation/"):
+                record[key] = value
+        return record
+
+    def _validate_if_due(self, step: int) -> None:
+        val = self.args.validation or {}
+        every = int(val.get("every") or 0)
+        if not every or not val.get("benchmarks") or step in self._validated_steps:
+            return
+        due = (step == 0 and val.get("at_start", True)) or (
+            step > 0 and (step % every == 0 or step == self.state.max_steps)
+        )
+        if due:
+            self._validated_steps.add(step)
+            self.run_validation(step)
+
+    def run_validation(self, step: int) -> dict[str, Any] | None:
+        """Avg@k on the validation benchmarks; writes and returns the validation record."""
+        val = self.args.validation
+        kwargs = dict(
+            k=val["k"],
+            temperature=val["temperature"],
+            top_p=val["top_p"],
+            max_new_tokens=val["max_new_tokens"],
+            seed=val["seed"],
+            batch_size=val["batch_size"],
+        )
+        started = time.perf_counter()
+        record = None
+        with (
+            self._validation_sampler() as (fn, uses_engine),
+            preserved_rng(self.accelerator.device),
+        ):
+            if uses_engine:
+                # the engine holds the synced weights: no need to gather the trainer's copy
+                if self.accelerator.is_main_process:
+                    summaries = fn(None, self.processing_class, list(val["benchmarks"]), **kwargs)
+                    record = validation_record(step, summaries, val["k"])
+                    self._writer.write(record)
+                self.accelerator.wait_for_everyone()
+            else:
+                with unwrap_model_for_generation(
+                    self.model_wrapped,
+                    self.accelerator,
+                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                ) as unwrapped:
+                    was_training = unwrapped.training
+                    unwrapped.eval()
+                    try:
+                        if self.accelerator.is_main_process:
+                            with torch.no_grad():
+                                summaries = fn(
+                                    unwrapped,
+                                    self.processing_class,
+                                    list(val["benchmarks"]),
+                                    **kwargs,
+                                )
+                            record = validation_record(step, summaries, val["k"])
+                            self._writer.write(record)
+                    finally:
+                        unwrapped.train(was_training)
+                    self.accelerator.wait_for_everyone()
+        if record is not None:
+            logs = {k: v for k, v in record.items() if k.startswith("val/") and v is not None}
+            logs["val/time_s"] = time.perf_counter() - started
+            # straight to the trackers: TRL's log() would fold in (and clear) training metrics
+            self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+        return record
+
+    @contextlib.contextmanager
+    def _validation_sampler(self):
+        """The validation function; with a colocated single-GPU vLLM engine, that engine (synced)."""
+        fn: Callable[..., dict] = self._validation_fn
+        vg = getattr(self, "vllm_generation", None)
+        # with tensor parallelism the TP group would have to generate together: use HF generate
+        use_engine = (
+            fn is evaluate_in_memory
+            and self.use_vllm
+            and self.args.vllm_mode == "colocate"
+            and self.args.vllm_tensor_parallel_size == 1
+        )
+        if not use_engine:
+            yield fn, False
+            return
+        vg.sync_weights()  # collective under ZeRO-3: every rank takes part
+        self._last_loaded_step = self.state.global_step
+        engine_fn = vllm_engine_validation(vg.llm)
+        if vg.enable_sleep_mode:
+            vg.llm.wake_up(tags=["kv_cache"])
+        try:
+            yield (engine_fn, True) if engine_fn is not None else (fn, False)
+        finally:
+            if vg.enable_sleep_mode:
+                vg.llm.sleep(level=2)
+                vg._llm_weights_sleeping = True
