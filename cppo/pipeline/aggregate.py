@@ -1,0 +1,224 @@
+"""Aggregation of run directories into long-form CSVs.
+
+Every table CSV has the columns model, method, seed, benchmark, step, value, n_samples
+(value in percent, step = optimizer step as logged by the trainer, benchmark "mean" = the
+unweighted mean over the validation benchmarks, as in the paper's headline number);
+posthoc.csv adds a checkpoint column (best / final).
+
+- validation_long.csv: every in-loop validation record of every run.
+- table1.csv: per run, the best validation mean within [0, T_stop] (the paper's Table 1 rule).
+- table4.csv: per run and benchmark, the value at that best-mean step (Table 4).
+- posthoc.csv: the independent post-hoc evaluation of the selected checkpoints.
+- run_status.csv: per run, last step, number of validations, collapse step, best step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cppo.pipeline.layout import expand_runs
+from cppo.pipeline.runs import (
+    VAL_MEAN,
+    best_validation,
+    collapse_step,
+    read_metrics,
+)
+
+LONG_COLUMNS = ["model", "method", "seed", "benchmark", "step", "value", "n_samples"]
+STATUS_COLUMNS = [
+    "model",
+    "method",
+    "seed",
+    "done",
+    "last_step",
+    "n_validations",
+    "best_step",
+    "best_value",
+    "collapse_step",
+]
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def count_rows(path: str | Path) -> int | None:
+    """Number of non-empty lines of a benchmark JSONL, None when the file is not there."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open() as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def benchmark_sizes(manifest: dict[str, Any]) -> dict[str, int | None]:
+    return {name: count_rows(b["path"]) for name, b in manifest["benchmarks"].items()}
+
+
+def _n_samples(k: int, sizes: dict[str, int | None], names: list[str]) -> int | None:
+    if not names or any(sizes.get(n) is None for n in names):
+        return None
+    return int(k * sum(sizes[n] for n in names))  # type: ignore[misc]
+
+
+def _pct(x: Any) -> float:
+    return float(x) * 100.0 if isinstance(x, int | float) and x is not None else math.nan
+
+
+def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """All long-form tables of a results directory, from its manifest."""
+    sizes = benchmark_sizes(manifest)
+    k = int(manifest["validation"]["k"])
+    val_names = list(manifest["validation"]["benchmarks"])
+    nonfinite_keys = list(manifest["collapse"]["nonfinite_keys"])
+
+    long_rows, t1_rows, t4_rows, status_rows, post_rows = [], [], [], [], []
+    for run in expand_runs(manifest):
+        key = {"model": run["model"], "method": run["method"], "seed": int(run["seed"])}
+        run_dir = Path(run["run_dir"])
+        metrics_path = run_dir / "metrics.jsonl"
+        if not metrics_path.exists():
+            status_rows.append({**key, "done": False, "n_validations": 0})
+            continue
+        metrics = read_metrics(metrics_path)
+        names = val_names
+        for rec in metrics.validation:
+            for b in names:
+                if f"val/{b}" in rec:
+                    long_rows.append(
+                        {
+                            **key,
+                            "benchmark": b,
+                            "step": int(rec["step"]),
+                            "value": _pct(rec[f"val/{b}"]),
+                            "n_samples": _n_samples(int(rec.get("val/k", k)), sizes, [b]),
+                        }
+                    )
+            if VAL_MEAN in rec:
+                long_rows.append(
+                    {
+                        **key,
+                        "benchmark": "mean",
+                        "step": int(rec["step"]),
+                        "value": _pct(rec[VAL_MEAN]),
+                        "n_samples": _n_samples(int(rec.get("val/k", k)), sizes, names),
+                    }
+                )
+
+        t_stop = int(manifest["models"][run["model"]]["t_stop_steps"])
+        best = best_validation(metrics.validation, t_stop)
+        collapse = collapse_step(metrics.train, nonfinite_keys)
+        status_rows.append(
+            {
+                **key,
+                "done": (run_dir / "DONE").exists(),
+                "last_step": metrics.last_step,
+                "n_validations": len(metrics.validation),
+                "best_step": None if best is None else int(best["step"]),
+                "best_value": None if best is None else _pct(best[VAL_MEAN]),
+                "collapse_step": collapse,
+            }
+        )
+        if best is None:
+            continue
+        bk = int(best.get("val/k", k))
+        t1_rows.append(
+            {
+                **key,
+                "benchmark": "mean",
+                "step": int(best["step"]),
+                "value": _pct(best[VAL_MEAN]),
+                "n_samples": _n_samples(bk, sizes, names),
+            }
+        )
+        for b in names:
+            if f"val/{b}" in best:
+                t4_rows.append(
+                    {
+                        **key,
+                        "benchmark": b,
+                        "step": int(best["step"]),
+                        "value": _pct(best[f"val/{b}"]),
+                        "n_samples": _n_samples(bk, sizes, [b]),
+                    }
+                )
+
+        post_rows += _posthoc_rows(run, key)
+
+    def frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+        df = pd.DataFrame(rows, columns=columns)
+        for col in ("step", "n_samples", "seed", "last_step", "best_step", "collapse_step"):
+            if col in df:
+                df[col] = df[col].astype("Int64")
+        return df
+
+    return {
+        "validation_long": frame(long_rows, LONG_COLUMNS),
+        "table1": frame(t1_rows, LONG_COLUMNS),
+        "table4": frame(t4_rows, LONG_COLUMNS),
+        "posthoc": frame(post_rows, ["checkpoint", *LONG_COLUMNS]),
+        "run_status": frame(status_rows, STATUS_COLUMNS),
+    }
+
+
+def _posthoc_rows(run: dict[str, Any], key: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    selection = Path(run["selection"])
+    sel = json.loads(selection.read_text()) if selection.exists() else {}
+    for ckpt, summaries in run.get("eval", {}).items():
+        step = sel.get(ckpt, {}).get("step")
+        values, samples = [], []
+        for bench, path in summaries.items():
+            path = Path(path)
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())
+            value = _pct(summary["avg_at_k"])
+            rows.append(
+                {
+                    "checkpoint": ckpt,
+                    **key,
+                    "benchmark": bench,
+                    "step": step,
+                    "value": value,
+                    "n_samples": summary.get("n_samples"),
+                }
+            )
+            values.append(value)
+            samples.append(summary.get("n_samples"))
+        if len(values) > 1 and len(values) == len(summaries):
+            rows.append(
+                {
+                    "checkpoint": ckpt,
+                    **key,
+                    "benchmark": "mean",
+                    "step": step,
+                    "value": sum(values) / len(values),
+                    "n_samples": None if None in samples else int(sum(samples)),
+                }
+            )
+    return rows
+
+
+def write_all(manifest_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    manifest = load_manifest(manifest_path)
+    frames = collect(manifest)
+    if manifest["paper_comparison"]:
+        from cppo.pipeline.tables import paper_diff
+
+        frames["paper_diff"] = paper_diff(
+            frames["table1"], frames["table4"], frames["run_status"], manifest
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, df in frames.items():
+        path = out_dir / f"{name}.csv"
+        df.to_csv(path, index=False, float_format="%.4f")
+        written[name] = path
+    return written

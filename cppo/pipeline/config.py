@@ -1,0 +1,430 @@
+"""Workflow configuration: loading, defaults and validation with errors that name the key.
+
+`validate(cfg)` checks a config against schema.yaml (which rejects unknown keys everywhere except
+the explicit pass-through maps) and then the cross-references JSON Schema cannot express (a run
+list naming an unknown method, a benchmark used but not defined, Table 3 batch arithmetic...).
+Every message starts with the dotted key path, e.g.
+``models.toy-s-base.schedule: unknown key 'prompt_per_iter' (did you mean 'prompts_per_iter'?)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+
+TRUST_REGION_KEYS = ("delta", "delta_b", "adaptive_delta_b", "w_min")
+SCHEDULE_KEYS = (
+    "prompts_per_iter",
+    "n",
+    "minibatch",
+    "updates_per_iter",
+    "iterations",
+    "learning_rate",
+    "warmup_steps",
+    "max_prompt_length",
+    "max_completion_length",
+    "temperature",
+)
+
+# Defaults, filled in by normalize(); anything not here must be given by the config.
+SCHEDULE_DEFAULTS = {"learning_rate": 1e-6, "warmup_steps": 0, "temperature": 1.0}
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "anchor": "rollout",
+    "divergence": {"kind": "topk_tv", "topk": 20},
+    "backend": "transformers",
+    "bf16": False,
+    "use_cpu": True,
+    "report_to": "none",
+    "save_every": None,
+    "extra": {},
+}
+VALIDATION_DEFAULTS = {
+    "k": 16,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "max_new_tokens": None,
+    "batch_size": 64,
+}
+COMMAND_DEFAULTS = {
+    "train": {"launcher": "python -m", "module": "cppo.train"},
+    "evaluate": {"launcher": "python -m", "module": "evaluation"},
+    "toy": {"launcher": "python -m", "module": "cppo.toy"},
+}
+RESOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "default": {"threads": 1, "gpus": 0, "mem_mb": 4000, "runtime": 60},
+    "toy_data": {},
+    "toy_model": {},
+    "warm_start": {"threads": 2},
+    "train": {},
+    "evaluate": {},
+    "dapo": {"mem_mb": 16000},
+}
+DAPO_DEFAULTS = {
+    "hub_id": "BytedTsinghua-SIA/DAPO-Math-17k",
+    "filename": "data/dapo-math-17k.parquet",
+    "sha256": None,
+    "local_file": None,
+    "dedupe": "prompt",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid workflow config; `errors` holds one message per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"invalid pipeline config ({len(self.errors)} problem(s)):\n{lines}")
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open() as fh:
+        return yaml.safe_load(fh)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict update, the way Snakemake merges several --configfile files."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """Read and merge YAML config files (later files win), without validating."""
+    cfg: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as fh:
+            cfg = deep_merge(cfg, yaml.safe_load(fh) or {})
+    return cfg
+
+
+# --- schema errors -----------------------------------------------------------------------------
+
+
+def key_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "<top level>" else f"{path}.{key}"
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_schema_error(err: jsonschema.ValidationError) -> list[str]:
+    path = key_path(err.absolute_path)
+    schema = err.schema if isinstance(err.schema, dict) else {}
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        extra = [k for k in err.instance if k not in schema.get("properties", {})]
+        if allowed:
+            return [
+                f"{path}: unknown key '{k}'{_suggest(k, allowed)}; allowed: {', '.join(allowed)}"
+                for k in extra
+            ]
+        return [f"{path}: unknown key '{k}'" for k in extra]
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return [f"{_join(path, missing)}: missing required key"]
+    if err.validator == "propertyNames" or "propertyNames" in err.absolute_schema_path:
+        return [
+            f"{path}: invalid name {err.instance!r} (use letters and digits, separated by "
+            "single '.', '_' or '-')"
+        ]
+    if err.validator == "enum":
+        return [f"{path}: {err.instance!r} is not one of {err.validator_value}"]
+    if err.validator == "type":
+        return [f"{path}: expected {err.validator_value}, got {err.instance!r}"]
+    if err.validator == "pattern":
+        return [f"{path}: {err.instance!r} does not match the pattern {err.validator_value}"]
+    return [f"{path}: {err.message}"]
+
+
+def schema_errors(cfg: Any) -> list[str]:
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors: list[str] = []
+    for err in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path))):
+        # propertyNames errors are reported on the parent; keep the message, drop duplicates
+        for msg in _format_schema_error(err):
+            if msg not in errors:
+                errors.append(msg)
+    return errors
+
+
+# --- defaults -------------------------------------------------------------------------------
+
+
+def normalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `cfg` with every optional key filled in (the schema must already pass)."""
+    c = copy.deepcopy(dict(cfg))
+    c.setdefault("description", "")
+    c.setdefault("schedule", {})
+    for key, value in SCHEDULE_DEFAULTS.items():
+        c["schedule"].setdefault(key, value)
+    c["training"] = deep_merge(TRAINING_DEFAULTS, c.get("training", {}))
+
+    data = c["data"]
+    if data["train"]["source"] == "dapo_math_17k" or "dapo_math_17k" in data:
+        data["dapo_math_17k"] = deep_merge(DAPO_DEFAULTS, data.get("dapo_math_17k", {}))
+
+    toy = c.setdefault("toy", {})
+    toy.setdefault("data", {}).setdefault("seed", 0)
+    for step in ("data", "tokenizer", "model", "warm_start"):
+        toy.setdefault(step, {}).setdefault("args", {})
+
+    for name, bench in c["benchmarks"].items():
+        bench.setdefault("label", name)
+
+    val = c["validation"]
+    for key, value in VALIDATION_DEFAULTS.items():
+        val.setdefault(key, value)
+
+    ev = c.setdefault("evaluation", {})
+    ev.setdefault("enabled", True)
+    ev.setdefault("benchmarks", list(val["benchmarks"]))
+    ev.setdefault("checkpoints", ["best", "final"])
+    for key in ("k", "temperature", "top_p", "max_new_tokens"):
+        ev.setdefault(key, val[key])
+    ev.setdefault("seed", 0)
+    ev.setdefault("backend", c["training"]["backend"])
+    ev.setdefault("grading_mode", "both")
+    ev.setdefault("batch_size", val["batch_size"])
+    ev.setdefault("args", {})
+
+    for name, model in c["models"].items():
+        model.setdefault("label", name)
+        model.setdefault("stands_for", None)
+        if "toy" in model:
+            model["toy"].setdefault("seed", 0)
+        if "hub" in model:
+            model["hub"].setdefault("prefetch", False)
+        model.setdefault("trust_region", {})
+        model.setdefault("env", "cpu")
+        model.setdefault("training", {})
+        model.setdefault("method_overrides", {})
+        res = model.setdefault("resources", {})
+        res.setdefault("train", {})
+        res.setdefault("evaluate", {})
+
+    for name, method in c["methods"].items():
+        method.setdefault("label", name)
+        method.setdefault("color", None)
+        method.setdefault("description", "")
+        method.setdefault("params", {})
+        method.setdefault("from_model", [])
+        method.setdefault("divergence", None)
+        method.setdefault("module", None)
+
+    figs = c.setdefault("figures", {})
+    figs.setdefault("smoothing", 0.8)
+    figs.setdefault("dpi", 150)
+    figs.setdefault("ablations", [])
+    for fig in figs["ablations"]:
+        fig.setdefault("title", fig["name"])
+
+    c.setdefault("report", {}).setdefault("title", f"CPPO reproduction: {c['profile']}")
+    c.setdefault("paper_comparison", False)
+    c.setdefault("collapse", {}).setdefault("nonfinite_keys", ["reward/mean", "grad_norm"])
+    wb = c.setdefault("publish", {}).setdefault("wandb", {})
+    wb.setdefault("enabled", False)
+    wb.setdefault("project", "cppo-repro")
+    wb.setdefault("entity", None)
+    wb.setdefault("mode", "online")
+    wb.setdefault("tags", [])
+
+    c["commands"] = deep_merge(COMMAND_DEFAULTS, c.get("commands", {}))
+    c["resources"] = deep_merge(RESOURCE_DEFAULTS, c.get("resources", {}))
+    return c
+
+
+def model_schedule(cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The model's schedule merged over the config-wide schedule defaults."""
+    return {**cfg["schedule"], **cfg["models"][model]["schedule"]}
+
+
+def model_training(cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
+    return deep_merge(cfg["training"], cfg["models"][model]["training"])
+
+
+# --- cross-reference checks ------------------------------------------------------------------
+
+
+def semantic_errors(c: Mapping[str, Any]) -> list[str]:
+    """Checks that need more than one key at a time; `c` is a normalized config."""
+    errors: list[str] = []
+    models, methods, benches = c["models"], c["methods"], c["benchmarks"]
+
+    def unknown(path: str, names: list[str], known: Mapping[str, Any], what: str) -> None:
+        for i, name in enumerate(names):
+            if name not in known:
+                errors.append(
+                    f"{path}[{i}]: unknown {what} '{name}'{_suggest(name, known)}; "
+                    f"defined: {', '.join(known)}"
+                )
+
+    unknown("run.models", c["run"]["models"], models, "model")
+    unknown("run.methods", c["run"]["methods"], methods, "method")
+    unknown("validation.benchmarks", c["validation"]["benchmarks"], benches, "benchmark")
+    unknown("evaluation.benchmarks", c["evaluation"]["benchmarks"], benches, "benchmark")
+    for i, fig in enumerate(c["figures"]["ablations"]):
+        path = f"figures.ablations[{i}].methods"
+        for j, name in enumerate(fig["methods"]):
+            if name not in c["run"]["methods"]:
+                errors.append(
+                    f"{path}[{j}]: method '{name}' is not in run.methods, so it has no runs to plot"
+                )
+
+    train_src = c["data"]["train"]["source"]
+    if train_src == "file" and not c["data"]["train"].get("path"):
+        errors.append("data.train.path: missing required key (data.train.source is 'file')")
+    if train_src == "dapo_math_17k":
+        dapo = c["data"].get("dapo_math_17k", {})
+        if not dapo.get("revision") and not dapo.get("local_file"):
+            errors.append(
+                "data.dapo_math_17k.revision: missing; pin the dataset commit (or give local_file)"
+            )
+
+    for name, bench in benches.items():
+        path = f"benchmarks.{name}"
+        if bench["source"] == "toy" and name not in ("val", "test"):
+            errors.append(
+                f"{path}: toy benchmarks are the toy splits 'val' and 'test', not '{name}'"
+            )
+        if bench["source"] == "file":
+            if not bench.get("path"):
+                errors.append(f"{path}.path: missing required key (source is 'file')")
+            elif Path(bench["path"]).stem != name:
+                errors.append(
+                    f"{path}.path: file stem '{Path(bench['path']).stem}' differs from the "
+                    f"benchmark name '{name}' (the evaluator names results by file stem)"
+                )
+        elif "path" in bench:
+            errors.append(f"{path}.path: only used with source 'file'")
+        if bench["source"] == "toy" and train_src != "toy" and not models_use_toy(c):
+            errors.append(f"{path}.source: 'toy' needs the toy data (data.train.source: toy)")
+
+    for name in models:
+        if name in ("init", "tokenizer"):
+            errors.append(f"models.{name}: reserved name (results/<profile>/models/{name} is used)")
+    val_every = c["validation"]["every"]
+    for name in c["run"]["models"]:
+        if name not in models:
+            continue
+        model = models[name]
+        path = f"models.{name}"
+        if model["source"] == "toy" and "toy" not in model:
+            errors.append(f"{path}.toy: missing required key (source is 'toy')")
+        if model["source"] == "hub" and "hub" not in model:
+            errors.append(f"{path}.hub: missing required key (source is 'hub')")
+        if model["source"] != "toy" and "toy" in model:
+            errors.append(f"{path}.toy: only used with source 'toy'")
+        if model["source"] != "hub" and "hub" in model:
+            errors.append(f"{path}.hub: only used with source 'hub'")
+
+        sched = model_schedule(c, name)
+        for key in SCHEDULE_KEYS:
+            if key not in sched:
+                errors.append(f"{path}.schedule.{key}: missing (no config-wide default either)")
+        if all(k in sched for k in ("prompts_per_iter", "minibatch", "updates_per_iter")):
+            ppi, mb, upi = sched["prompts_per_iter"], sched["minibatch"], sched["updates_per_iter"]
+            if mb * upi != ppi:
+                # Table 3: one pass over the rollout batch, one optimizer step per minibatch
+                errors.append(
+                    f"{path}.schedule: prompts_per_iter ({ppi}) must equal minibatch x "
+                    f"updates_per_iter ({mb} x {upi})"
+                )
+        iters = sched.get("iterations")
+        if iters is not None and model["t_stop"] > iters:
+            errors.append(f"{path}.t_stop: {model['t_stop']} exceeds schedule.iterations {iters}")
+        if val_every > model["t_stop"]:
+            errors.append(
+                f"validation.every: {val_every} iterations leaves no validation inside "
+                f"[0, T_stop = {model['t_stop']}] of model '{name}'"
+            )
+        save_every = model_training(c, name)["save_every"]
+        if save_every is not None and val_every % save_every:
+            errors.append(
+                f"{path}.training.save_every: {save_every} does not divide validation.every "
+                f"{val_every}; the best validated step would have no checkpoint"
+            )
+        if model["source"] == "toy" and model["training"].get("backend") == "vllm":
+            errors.append(f"{path}.training.backend: toy models run with 'transformers'")
+        for meth in model["method_overrides"]:
+            if meth not in methods:
+                errors.append(
+                    f"{path}.method_overrides.{meth}: unknown method{_suggest(meth, methods)}"
+                )
+
+        for meth in c["run"]["methods"]:
+            if meth not in methods:
+                continue
+            for key in methods[meth]["from_model"]:
+                if key not in model["trust_region"]:
+                    errors.append(
+                        f"{path}.trust_region.{key}: missing, but method '{meth}' takes it "
+                        f"from the model (methods.{meth}.from_model)"
+                    )
+
+    for name, method in methods.items():
+        path = f"methods.{name}"
+        for key in method["from_model"]:
+            if key in method["params"]:
+                errors.append(
+                    f"{path}.params.{key}: also listed in from_model; give it in one place only"
+                )
+        for key in ("rule", "divergence"):
+            if key in method["params"]:
+                errors.append(
+                    f"{path}.params.{key}: '{key}' is a method-level key, not a rule param"
+                )
+
+    if c["paper_comparison"]:
+        from cppo.pipeline.paper import paper_models
+
+        known = paper_models()
+        for name in c["run"]["models"]:
+            if name not in known:
+                errors.append(
+                    f"run.models: '{name}' has no reported numbers (paper_comparison is on); "
+                    f"paper models: {', '.join(known)}"
+                )
+    return errors
+
+
+def models_use_toy(c: Mapping[str, Any]) -> bool:
+    return any(c["models"][m]["source"] == "toy" for m in c["run"]["models"] if m in c["models"])
+
+
+def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a raw config; returns the normalized config or raises ConfigError."""
+    errors = schema_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+    normalized = normalize(cfg)
+    errors = semantic_errors(normalized)
+    if errors:
+        raise ConfigError(errors)
+    return normalized

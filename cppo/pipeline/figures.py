@@ -1,0 +1,464 @@
+"""The paper's figures from the run directories (matplotlib, PNG + PDF).
+
+x axes are in iterations (the paper's "training step" = one rollout batch); the trainer logs
+optimizer steps, divided here by the model's updates per iteration. Each method keeps one colour
+in every figure (the manifest's colour map). With several seeds a line is the mean over seeds
+and the shaded band spans the seeds' min..max.
+
+- fig4_validation: validation mean Avg@k per model, one line per method, T_stop marked.
+- diagnostics_<model> (Fig. 8-11): per-benchmark validation, training reward (EMA-smoothed),
+  mean response length, relative log-prob error between rollout engine and trainer.
+- fig7_prefix_budget: mean effective delta_b and the prefix-budget share of masked tokens.
+- fig2_position_deviation: |pi - mu| of the sampled token by relative position bin (mean and
+  top-10% tail), beside CPPO's per-token limit delta / w_t.
+- ablation figures (Fig. 5/6): validation mean of the listed methods.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cppo.pipeline.layout import expand_runs  # noqa: E402
+from cppo.pipeline.runs import RunMetrics, read_metrics  # noqa: E402
+
+PANEL_W, PANEL_H = 4.2, 3.0
+DEVIATION_RE = re.compile(r"^deviation/bin(\d+)/(mean|top10)$")
+
+
+def _runs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return expand_runs(manifest)
+
+
+@cache
+def _metrics(path: str) -> RunMetrics | None:
+    p = Path(path)
+    return read_metrics(p) if p.exists() else None
+
+
+def run_metrics(run: dict[str, Any]) -> RunMetrics | None:
+    return _metrics(str(Path(run["run_dir"]) / "metrics.jsonl"))
+
+
+def ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average s_t = alpha s_{t-1} + (1 - alpha) x_t, started at x_0."""
+    out: list[float] = []
+    s: float | None = None
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        s = v if s is None else alpha * s + (1 - alpha) * v
+        out.append(s)
+    return out
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def prefix_share(rec: dict[str, Any]) -> float | None:
+    """Share of the masked tokens that the prefix budget (not the token threshold) masked.
+
+    The trainer logs mask/prefix_fraction and mask/fraction as shares of all eligible tokens.
+    """
+    prefix, total = _number(rec.get("mask/prefix_fraction")), _number(rec.get("mask/fraction"))
+    if prefix is None or total is None or total <= 0:
+        return None
+    return prefix / total
+
+
+Key = str | Callable[[dict[str, Any]], float | None]
+
+
+def _value(rec: dict[str, Any], key: Key) -> float | None:
+    return key(rec) if callable(key) else _number(rec.get(key))
+
+
+def seed_curves(
+    manifest: dict[str, Any],
+    model: str,
+    method: str,
+    records: str,
+    key: Key,
+    scale: float = 1.0,
+    smoothing: float = 0.0,
+) -> tuple[list[float], list[float], list[float], list[float]] | None:
+    """x (iterations), mean, min, max over seeds of one metric; None when no seed logged it."""
+    upi = manifest["models"][model]["updates_per_iter"]
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for run in _runs(manifest):
+        if run["model"] != model or run["method"] != method:
+            continue
+        m = run_metrics(run)
+        if m is None:
+            continue
+        recs = m.validation if records == "validation" else m.train
+        pts = [(int(r["step"]), v) for r in recs if (v := _value(r, key)) is not None]
+        if not pts:
+            continue
+        ys = [y * scale for _, y in pts]
+        if smoothing > 0:
+            ys = ema(ys, smoothing)
+        for (step, _), y in zip(pts, ys, strict=True):
+            per_step[step].append(y)
+    if not per_step:
+        return None
+    steps = sorted(per_step)
+    xs = [s / upi for s in steps]
+
+    def finite(vals: list[float]) -> list[float]:
+        return [v for v in vals if math.isfinite(v)] or [math.nan]
+
+    mean = [sum(finite(per_step[s])) / len(finite(per_step[s])) for s in steps]
+    lo = [min(finite(per_step[s])) for s in steps]
+    hi = [max(finite(per_step[s])) for s in steps]
+    return xs, mean, lo, hi
+
+
+def _grid(n_panels: int, ncols: int | None = None, nrows: int = 1) -> tuple[Figure, list]:
+    ncols = ncols or max(1, n_panels)
+    # at least ~8 inches wide so that the method legend below the panels fits
+    width = max(PANEL_W * ncols, 8.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, PANEL_H * nrows + 0.8), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(
+        0.5,
+        0.5,
+        f"no {what} logged",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="#777777",
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plot_method_curves(
+    ax,
+    manifest: dict[str, Any],
+    model: str,
+    methods: list[str],
+    records: str,
+    key: Key,
+    *,
+    scale: float = 1.0,
+    smoothing: float = 0.0,
+    marker: str | None = None,
+) -> bool:
+    plotted = False
+    for meth in methods:
+        cur = seed_curves(manifest, model, meth, records, key, scale, smoothing)
+        if cur is None:
+            continue
+        xs, mean, lo, hi = cur
+        color = manifest["methods"][meth]["color"]
+        ax.plot(
+            xs,
+            mean,
+            color=color,
+            lw=1.6,
+            marker=marker,
+            ms=3,
+            label=manifest["methods"][meth]["label"],
+        )
+        if len(manifest["seeds"]) > 1:
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+        plotted = True
+    return plotted
+
+
+def _style(ax, title: str, xlabel: str | None, ylabel: str | None) -> None:
+    ax.set_title(title, fontsize=10)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _legend(fig: Figure, manifest: dict[str, Any], methods: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=manifest["methods"][m]["color"],
+            lw=2,
+            label=manifest["methods"][m]["label"],
+        )
+        for m in methods
+    ]
+    per_row = max(2, int(fig.get_figwidth() / 1.7))
+    rows = -(-len(handles) // per_row)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), per_row),
+        frameon=False,
+        fontsize=9,
+        bbox_to_anchor=(0.5, 0.0),
+    )
+    bottom = (0.32 * rows + 0.1) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+
+
+def _tstop(ax, manifest: dict[str, Any], model: str) -> None:
+    t = manifest["models"][model]["t_stop"]
+    ax.axvline(t, color="#555555", ls="--", lw=1)
+    ax.text(t, 0.02, " T_stop", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")
+
+
+def _val_label(manifest: dict[str, Any], names: list[str] | None = None) -> str:
+    names = names or manifest["validation"]["benchmarks"]
+    return "/".join(manifest["benchmarks"][b]["label"] for b in names)
+
+
+def fig_validation(
+    manifest: dict[str, Any], methods: list[str] | None = None, title: str | None = None
+) -> Figure:
+    """Fig. 4 (and the ablation figures): validation mean per model, one line per method."""
+    methods = methods or list(manifest["methods"])
+    models = list(manifest["models"])
+    fig, axes = _grid(len(models))
+    k = manifest["validation"]["k"]
+    for i, (ax, model) in enumerate(zip(axes, models, strict=True)):
+        ok = _plot_method_curves(
+            ax, manifest, model, methods, "validation", "val/mean", scale=100, marker="o"
+        )
+        if not ok:
+            _no_data(ax, "validation")
+            continue
+        _tstop(ax, manifest, model)
+        _style(
+            ax,
+            manifest["models"][model]["label"],
+            "training step (iteration)",
+            f"{_val_label(manifest)} Avg@{k} (%)" if i == 0 else None,
+        )
+    if title:
+        fig.suptitle(title, fontsize=11)
+    _legend(fig, manifest, methods)
+    return fig
+
+
+def fig_diagnostics(manifest: dict[str, Any], model: str) -> Figure:
+    """Fig. 8-11 for one model."""
+    methods = list(manifest["methods"])
+    benches = list(manifest["validation"]["benchmarks"])
+    ncols = max(len(benches), 3)
+    fig, axes = _grid(2 * ncols, ncols=ncols, nrows=2)
+    k = manifest["validation"]["k"]
+    for j in range(ncols):
+        ax = axes[j]
+        if j >= len(benches):
+            ax.set_visible(False)
+            continue
+        b = benches[j]
+        ok = _plot_method_curves(
+            ax, manifest, model, methods, "validation", f"val/{b}", scale=100, marker="o"
+        )
+        if not ok:
+            _no_data(ax, f"val/{b}")
+            continue
+        _tstop(ax, manifest, model)
+        _style(
+            ax,
+            f"{manifest['benchmarks'][b]['label']} Avg@{k}",
+            "iteration",
+            "accuracy (%)" if j == 0 else None,
+        )
+    smooth = float(manifest["figures"]["smoothing"])
+    panels = [
+        ("reward/mean", "training reward (EMA)", "reward", smooth),
+        ("length/mean", "mean response length", "tokens", 0.0),
+        ("logprob/rel_error", "relative log-prob error", "rollout vs trainer", 0.0),
+    ]
+    for j in range(ncols):
+        ax = axes[ncols + j]
+        if j >= len(panels):
+            ax.set_visible(False)
+            continue
+        key, title, ylabel, sm = panels[j]
+        if not _plot_method_curves(ax, manifest, model, methods, "train", key, smoothing=sm):
+            _no_data(ax, key)
+            continue
+        _style(ax, title, "iteration", ylabel)
+    fig.suptitle(f"{manifest['models'][model]['label']}: training diagnostics", fontsize=11)
+    _legend(fig, manifest, methods)
+    return fig
+
+
+def fig_prefix_budget(manifest: dict[str, Any]) -> Figure:
+    """Fig. 7: effective delta_b and the share of masks from the prefix budget, per model."""
+    models = list(manifest["models"])
+    fig, axes = _grid(2 * len(models), ncols=len(models), nrows=2)
+    methods = list(manifest["methods"])
+    used: set[str] = set()
+    rows: list[tuple[Key, str, str]] = [
+        ("cppo/delta_b_eff", "mean effective δ_b", "δ_b"),
+        (prefix_share, "prefix-budget share of masks", "share of masked tokens"),
+    ]
+    for r, (key, title, ylabel) in enumerate(rows):
+        for c, model in enumerate(models):
+            ax = axes[r * len(models) + c]
+            have = [m for m in methods if seed_curves(manifest, model, m, "train", key) is not None]
+            if not have:
+                _no_data(ax, title)
+                continue
+            used.update(have)
+            # markers: the share is undefined on steps that mask nothing, so points can be sparse
+            _plot_method_curves(ax, manifest, model, have, "train", key, marker=".")
+            if key is prefix_share:
+                ax.set_ylim(-0.02, 1.02)
+            _style(
+                ax,
+                f"{manifest['models'][model]['label']}: {title}",
+                "iteration",
+                ylabel if c == 0 else None,
+            )
+    _legend(fig, manifest, [m for m in methods if m in used] or methods)
+    return fig
+
+
+def deviation_profile(
+    manifest: dict[str, Any], model: str, method: str
+) -> dict[str, list[float]] | None:
+    """Per-bin |pi - mu| averaged over training steps and seeds: {'mean': [...], 'top10': [...]}."""
+    sums: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for run in _runs(manifest):
+        if run["model"] != model or run["method"] != method:
+            continue
+        m = run_metrics(run)
+        if m is None:
+            continue
+        for rec in m.train:
+            for key, value in rec.items():
+                match = DEVIATION_RE.match(key)
+                if match and isinstance(value, int | float) and math.isfinite(value):
+                    sums[(match.group(2), int(match.group(1)))].append(float(value))
+    if not sums:
+        return None
+    n_bins = max(i for _, i in sums) + 1
+    out: dict[str, list[float]] = {}
+    for stat in ("mean", "top10"):
+        vals = [sums.get((stat, i)) for i in range(n_bins)]
+        out[stat] = [sum(v) / len(v) if v else math.nan for v in vals]
+    return out
+
+
+def position_threshold(delta: float, w_min: float, n_bins: int) -> tuple[list[float], list[float]]:
+    """CPPO's per-token limit delta / w_t at the bin centres, w linear from 1 to w_min."""
+    xs = [(i + 0.5) / n_bins for i in range(n_bins)]
+    return xs, [delta / (1 - (1 - w_min) * x) for x in xs]
+
+
+def fig_position_deviation(manifest: dict[str, Any]) -> Figure:
+    """Fig. 2: position-conditioned deviation with the CPPO threshold."""
+    models = list(manifest["models"])
+    methods = list(manifest["methods"])
+    fig, axes = _grid(len(models))
+    used = []
+    for c, (ax, model) in enumerate(zip(axes, models, strict=True)):
+        any_data = False
+        for meth in methods:
+            prof = deviation_profile(manifest, model, meth)
+            if prof is None:
+                continue
+            any_data = True
+            used.append(meth)
+            n = len(prof["mean"])
+            xs = [(i + 0.5) / n for i in range(n)]
+            color = manifest["methods"][meth]["color"]
+            ax.plot(xs, prof["mean"], color=color, lw=1.6, marker="o", ms=3)
+            ax.plot(xs, prof["top10"], color=color, lw=1.2, ls="--")
+        if not any_data:
+            _no_data(ax, "deviation/bin*")
+            continue
+        params = _cppo_params(manifest, model)
+        if params is not None:
+            tx, ty = position_threshold(params["delta"], params["w_min"], 20)
+            ax.plot(tx, ty, color="black", ls=":", lw=1.4, label="δ / w_t")
+        # deviations are often orders of magnitude below the threshold: log scale shows both
+        if all(y > 0 for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)):
+            ax.set_yscale("log")
+        _style(
+            ax,
+            manifest["models"][model]["label"],
+            "relative token position",
+            "|π(y_t) − μ(y_t)|" if c == 0 else None,
+        )
+        ax.text(
+            0.02,
+            0.97,
+            "solid: mean, dashed: top-10%, dotted: δ / w_t",
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+            color="#444444",
+        )
+    _legend(fig, manifest, list(dict.fromkeys(used)) or methods)
+    return fig
+
+
+def _cppo_params(manifest: dict[str, Any], model: str) -> dict[str, float] | None:
+    for run in _runs(manifest):
+        if run["model"] != model:
+            continue
+        params = run.get("method_params", {})
+        if manifest["methods"][run["method"]]["rule"] == "cppo" and {"delta", "w_min"} <= set(
+            params
+        ):
+            return {"delta": float(params["delta"]), "w_min": float(params["w_min"])}
+    return None
+
+
+def save(fig: Figure, prefix: str | Path, dpi: int) -> list[Path]:
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = [prefix.with_name(f"{prefix.name}.png"), prefix.with_name(f"{prefix.name}.pdf")]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def builders(manifest: dict[str, Any]) -> dict[str, Callable[[], Figure]]:
+    out: dict[str, Callable[[], Figure]] = {
+        "fig4_validation": lambda: fig_validation(manifest),
+        "fig2_position_deviation": lambda: fig_position_deviation(manifest),
+        "fig7_prefix_budget": lambda: fig_prefix_budget(manifest),
+    }
+    for model in manifest["models"]:
+        out[f"diagnostics_{model}"] = lambda model=model: fig_diagnostics(manifest, model)
+    for spec in manifest["figures"]["ablations"]:
+        out[spec["name"]] = lambda spec=spec: fig_validation(
+            manifest, spec["methods"], spec["title"]
+        )
+    return out
+
+
+def make_figure(manifest: dict[str, Any], name: str, prefix: str | Path) -> list[Path]:
+    table = builders(manifest)
+    if name not in table:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(table)}")
+    return save(table[name](), prefix, int(manifest["figures"]["dpi"]))

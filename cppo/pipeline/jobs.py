@@ -1,0 +1,142 @@
+"""Small job bodies behind the Snakemake rules (each is one `python -m cppo.pipeline` command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STATE_MARKER = "pipeline_run.yaml"
+
+
+def write_yaml(data: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def log(msg: str) -> None:
+    print(f"[cppo.pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def prepare_state_dir(run_config: str | Path, state_dir: str | Path) -> str:
+    """Make the trainer's state directory ready for a (re)start; returns what was done.
+
+    The state directory is not a Snakemake output, so a failed or killed job leaves it (and its
+    checkpoints) in place and the trainer resumes on the next run. If the run config changed
+    since the state was made, resuming would mix two experiments: the old state is moved aside
+    to <state_dir>.stale-<UTC time> and training starts fresh.
+    """
+    state = Path(state_dir)
+    text = Path(run_config).read_text()
+    marker = state / STATE_MARKER
+    action = "fresh"
+    if state.exists() and any(state.iterdir()):
+        if marker.exists() and marker.read_text() != text:
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            stale = state.with_name(f"{state.name}.stale-{stamp}")
+            shutil.move(str(state), str(stale))
+            action = f"config changed: moved the old state to {stale}"
+        else:
+            action = "resume"
+    state.mkdir(parents=True, exist_ok=True)
+    marker.write_text(text)
+    (state / "DONE").unlink(missing_ok=True)
+    return action
+
+
+ATTEMPTS_LOG = "pipeline_attempts.log"
+
+
+def train_job(run_config: str, state_dir: str, command: list[str]) -> int:
+    """Start or resume one training run: `<command> --config <run_config>`.
+
+    Every attempt is appended to <state_dir>/pipeline_attempts.log, which outlives the job's
+    Snakemake log (Snakemake truncates that one when the job is rerun).
+    """
+    action = prepare_state_dir(run_config, state_dir)
+    log(f"{state_dir}: {action}")
+    cmd = [*command, "--config", run_config]
+    log("running: " + " ".join(cmd))
+    attempts = Path(state_dir) / ATTEMPTS_LOG
+
+    def record(event: str) -> None:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with attempts.open("a") as fh:
+            fh.write(f"{stamp} {event}\n")
+
+    record(f"start ({action})")
+    code = subprocess.call(cmd)
+    record(f"exit {code}")
+    if code != 0:
+        log(f"trainer exited with {code}; the state in {state_dir} is kept for a resume")
+        return code
+    if not (Path(state_dir) / "DONE").exists():
+        log(f"trainer exited 0 but wrote no {state_dir}/DONE")
+        return 1
+    return 0
+
+
+# --- checks and small data steps -------------------------------------------------------------
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(row) and not isinstance(row, type):
+        return dataclasses.asdict(row)
+    return dict(row)
+
+
+def export_benchmark(name: str, out: str | Path) -> int:
+    """Write the evaluation package's copy of a benchmark to a JSONL (id, problem, answer...)."""
+    from evaluation.benchmarks import load_benchmark
+
+    bench = load_benchmark(name)
+    rows = [_row_dict(r) for r in bench.rows]
+    for i, row in enumerate(rows):
+        missing = {"id", "problem", "answer"} - set(row)
+        if missing:
+            raise ValueError(f"{name} row {i}: missing {sorted(missing)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def prefetch_model(hub_id: str, revision: str, out: str | Path) -> dict[str, Any]:
+    """Download a hub model at a pinned commit into the HF cache; record where it is."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id=hub_id, revision=revision)
+    info = {"id": hub_id, "revision": revision, "path": path}
+    write_json(info, out)
+    return info
+
+
+def checkpoint_args(selection: str | Path, which: str) -> str:
+    """`--model PATH [--revision REV]` of a selected checkpoint, for the evaluation CLI."""
+    data = json.loads(Path(selection).read_text())
+    if which not in ("best", "final"):
+        raise ValueError(f"checkpoint must be best or final, not {which!r}")
+    entry = data[which]
+    args = f"--model {entry['path']}"
+    if entry.get("revision"):
+        args += f" --revision {entry['revision']}"
+    return args

@@ -1,0 +1,88 @@
+"""Publishing a results directory to Weights & Biases (off by default).
+
+One wandb run per results profile holds the tables (as wandb Tables), the figures (as images)
+and the validation curves (one line-series chart per model, one line per method and seed).
+Authentication is wandb's own (`wandb login` or WANDB_API_KEY); mode "offline" writes a local
+run that `wandb sync` can upload later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def publish(
+    manifest: dict[str, Any],
+    tables: dict[str, Path],
+    figures: dict[str, Path],
+    *,
+    project: str,
+    entity: str | None,
+    mode: str,
+    tags: list[str],
+    out: str | Path,
+    wandb_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    import wandb
+
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        name=f"{manifest['profile']}-summary",
+        job_type="pipeline-summary",
+        tags=list(tags),
+        dir=str(wandb_dir) if wandb_dir else None,
+        config={
+            "profile": manifest["profile"],
+            "seeds": manifest["seeds"],
+            "models": {
+                k: {kk: v[kk] for kk in ("label", "t_stop", "updates_per_iter")}
+                for k, v in manifest["models"].items()
+            },
+            "methods": manifest["methods"],
+        },
+    )
+    try:
+        for name, path in tables.items():
+            df = pd.read_csv(path)
+            run.log({f"tables/{name}": wandb.Table(dataframe=df)})
+        for name, path in figures.items():
+            run.log({f"figures/{name}": wandb.Image(str(path))})
+        long_path = tables.get("validation_long")
+        if long_path is not None:
+            df = pd.read_csv(long_path)
+            df = df[df["benchmark"] == "mean"]
+            for model, group in df.groupby("model", sort=False):
+                upi = manifest["models"][model]["updates_per_iter"]
+                xs, ys, keys = [], [], []
+                for (method, seed), g in group.groupby(["method", "seed"], sort=False):
+                    g = g.sort_values("step")
+                    xs.append((g["step"] / upi).tolist())
+                    ys.append(g["value"].tolist())
+                    keys.append(f"{manifest['methods'][method]['label']} s{seed}")
+                chart = wandb.plot.line_series(
+                    xs=xs,
+                    ys=ys,
+                    keys=keys,
+                    title=f"{model}: validation mean (%)",
+                    xname="iteration",
+                )
+                run.log({f"curves/{model}": chart})
+        info = {
+            "mode": mode,
+            "project": project,
+            "entity": entity,
+            "id": run.id,
+            "url": getattr(run, "url", None),
+            "dir": run.dir,
+        }
+    finally:
+        run.finish()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(info, indent=2) + "\n")
+    return info

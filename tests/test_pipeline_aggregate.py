@@ -1,0 +1,453 @@
+"""Aggregation, tables and figures on synthetic run directories, checked against hand values."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cppo.pipeline import aggregate, figures, report, runs, tables
+from cppo.pipeline.layout import expand_runs
+from cppo.pipeline.plan import Plan
+
+K = 4
+N_VAL, N_TEST = 5, 3
+
+
+def config(seeds=(0, 1, 2), methods=("a", "b")) -> dict:
+    return {
+        "profile": "synth",
+        "seeds": list(seeds),
+        "run": {"models": ["m"], "methods": list(methods)},
+        "data": {"train": {"source": "toy"}},
+        "benchmarks": {
+            "val": {"source": "toy", "label": "Val"},
+            "test": {"source": "toy", "label": "Test"},
+        },
+        "validation": {"benchmarks": ["val", "test"], "every": 1, "k": K},
+        "evaluation": {"benchmarks": ["test"], "checkpoints": ["best", "final"], "k": 8},
+        "models": {
+            "m": {
+                "label": "Model M",
+                "source": "toy",
+                "toy": {"preset": "toy-s", "flavour": "base"},
+                "schedule": {
+                    "prompts_per_iter": 4,
+                    "n": 2,
+                    "minibatch": 2,
+                    "updates_per_iter": 2,
+                    "iterations": 4,
+                    "max_prompt_length": 64,
+                    "max_completion_length": 32,
+                },
+                "trust_region": {
+                    "delta": 0.15,
+                    "delta_b": 0.02,
+                    "adaptive_delta_b": True,
+                    "w_min": 0.8,
+                },
+                "t_stop": 3,
+            }
+        },
+        "methods": {
+            "a": {"rule": "grpo", "label": "Method A", "color": "#0000ff"},
+            "b": {
+                "rule": "cppo",
+                "label": "Method B",
+                "color": "#ff0000",
+                "from_model": ["delta", "delta_b", "adaptive_delta_b", "w_min"],
+            },
+        },
+    }
+
+
+def write_run(
+    run_dir: Path,
+    val: dict[int, tuple[float, float]],
+    train: list[dict],
+    checkpoints=(2, 4, 6, 8),
+    final=True,
+) -> None:
+    """val: step -> (val/val, val/test); val/mean is their mean."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for step in sorted(set(val) | {r["step"] for r in train}):
+        recs += [{"kind": "train", **r} for r in train if r["step"] == step]
+        if step in val:
+            v, t = val[step]
+            recs.append(
+                {
+                    "kind": "validation",
+                    "step": step,
+                    "val/val": v,
+                    "val/test": t,
+                    "val/mean": (v + t) / 2,
+                    "val/k": K,
+                }
+            )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for s in checkpoints:
+        (run_dir / f"checkpoint-{s}").mkdir(exist_ok=True)
+    if final:
+        (run_dir / "final").mkdir(exist_ok=True)
+    (run_dir / "DONE").write_text("{}")
+
+
+def train_recs(steps=range(1, 9), broken_from=None, **extra) -> list[dict]:
+    out = []
+    for s in steps:
+        bad = broken_from is not None and s >= broken_from
+        out.append(
+            {
+                "step": s,
+                "reward/mean": None if bad else 0.1 * s,
+                "grad_norm": 1.0,
+                "length/mean": 10.0 * s,
+                "mask/fraction": 0.2,
+                "mask/prefix_fraction": 0.05,
+                **extra,
+            }
+        )
+    return out
+
+
+# best val/mean within [0, T_stop = 3 iterations = 6 steps]; step 8 is outside the window
+A_VALS = {
+    0: {0: (0.1, 0.1), 2: (0.4, 0.2), 4: (0.2, 0.4), 6: (0.2, 0.2), 8: (0.9, 0.9)},  # tie 2/4
+    1: {0: (0.1, 0.1), 2: (0.3, 0.3), 4: (0.5, 0.3), 6: (0.1, 0.1), 8: (0.0, 0.0)},
+    2: {0: (0.1, 0.1), 2: (0.2, 0.2), 4: (0.3, 0.3), 6: (0.6, 0.4), 8: (0.0, 0.0)},
+}
+# expected best (step, mean %, val %, test %) per seed for method a
+A_BEST = {0: (2, 30.0, 40.0, 20.0), 1: (4, 40.0, 50.0, 30.0), 2: (6, 50.0, 60.0, 40.0)}
+
+
+@pytest.fixture
+def synth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = Plan(config())
+    toy = tmp_path / plan.toy_data_dir
+    toy.mkdir(parents=True)
+    (toy / "val.jsonl").write_text("".join(json.dumps({"id": str(i)}) + "\n" for i in range(N_VAL)))
+    (toy / "test.jsonl").write_text(
+        "".join(json.dumps({"id": str(i)}) + "\n" for i in range(N_TEST))
+    )
+    for seed, vals in A_VALS.items():
+        write_run(Path(plan.run_dir("m", "a", seed)), vals, train_recs())
+    # method b: seed 2 collapses at step 3 (reward null from then on), others are fine
+    for seed in (0, 1, 2):
+        vals = {s: (0.2 + 0.01 * seed, 0.2) for s in (0, 2, 4, 6, 8)}
+        vals[4] = (0.6 + 0.08 * seed, 0.4)
+        broken = 3 if seed == 2 else None
+        extra = {f"deviation/bin{i}/mean": 0.01 * (i + 1) + 0.001 * seed for i in range(2)}
+        extra |= {f"deviation/bin{i}/top10": 0.05 * (i + 1) for i in range(2)}
+        extra |= {"cppo/delta_b_eff": 0.02 + 0.001 * seed}
+        write_run(Path(plan.run_dir("m", "b", seed)), vals, train_recs(broken_from=broken, **extra))
+    manifest = plan.manifest()
+    Path(plan.manifest_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(plan.manifest_path).write_text(json.dumps(manifest))
+    return plan, manifest
+
+
+def test_table1_and_table4_pick_best_within_t_stop(synth):
+    plan, manifest = synth
+    frames = aggregate.collect(manifest)
+    t1 = frames["table1"].set_index(["method", "seed"])
+    for seed, (step, mean, _, _) in A_BEST.items():
+        row = t1.loc[("a", seed)]
+        assert row["benchmark"] == "mean" and row["step"] == step
+        assert row["value"] == pytest.approx(mean)
+        assert row["n_samples"] == K * (N_VAL + N_TEST)
+    t4 = frames["table4"].set_index(["method", "seed", "benchmark"])
+    for seed, (step, _, v, t) in A_BEST.items():
+        assert t4.loc[("a", seed, "val")]["value"] == pytest.approx(v)
+        assert t4.loc[("a", seed, "test")]["value"] == pytest.approx(t)
+        assert t4.loc[("a", seed, "val")]["n_samples"] == K * N_VAL
+        assert t4.loc[("a", seed, "test")]["step"] == step
+    assert list(frames["table1"].columns) == aggregate.LONG_COLUMNS
+    # every validation record: 5 steps x (2 benchmarks + mean) x 6 runs
+    assert len(frames["validation_long"]) == 5 * 3 * 6
+    status = frames["run_status"].set_index(["method", "seed"])
+    assert status.loc[("b", 2)]["collapse_step"] == 3
+    assert pd.isna(status.loc[("b", 0)]["collapse_step"])
+    assert bool(status.loc[("a", 0)]["done"]) and status.loc[("a", 0)]["last_step"] == 8
+
+
+def test_table1_rendering_mean_and_ci_over_seeds(synth):
+    plan, manifest = synth
+    aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    tables.render(manifest, plan.path("tables"), "table1")
+    md = Path(plan.path("tables", "table1.md")).read_text()
+    # method a: seeds 30, 40, 50 -> mean 40, sd 10, half-width t(0.975, 2) 10 / sqrt(3)
+    hw = 4.303 * 10 / math.sqrt(3)
+    assert f"| Method A | 40.00 ± {hw:.2f} |" in md
+    # method b: seed 2 collapsed inside the window -> mean of seeds 0 and 1 (50 and 54 %)
+    b0, b1 = (0.6 + 0.4) / 2 * 100, (0.68 + 0.4) / 2 * 100
+    hw_b = 12.706 * statistics.stdev([b0, b1]) / math.sqrt(2)
+    assert f"| Method B | **{(b0 + b1) / 2:.2f} ± {hw_b:.2f} (1 collapsed)** |" in md
+    tex = Path(plan.path("tables", "table1.tex")).read_text()
+    assert r"\toprule" in tex and r"40.00 $\pm$" in tex
+    assert "<table>" in Path(plan.path("tables", "table1.html")).read_text()
+
+
+def test_seed_stat_against_hand_values():
+    assert tables.seed_stat([1.0]) == (1.0, pytest.approx(math.nan, nan_ok=True))
+    mean, hw = tables.seed_stat([2.0, 4.0, 6.0, 8.0])
+    sd = math.sqrt((3**2 + 1 + 1 + 3**2) / 3)
+    assert mean == 5.0 and hw == pytest.approx(3.182 * sd / 2)
+    assert tables.t975(40) == 1.96
+
+
+def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = Plan(config(seeds=(0,), methods=("a",)))
+    write_run(Path(plan.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=5))
+    manifest = plan.manifest()
+    frames = aggregate.collect(manifest)
+    grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
+    assert grid.rows == [["Method A", "collapse (it. 2)"]]
+    # a collapse after T_stop (6 steps) does not count
+    write_run(Path(plan.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=7))
+    frames = aggregate.collect(manifest)
+    grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
+    assert grid.rows == [["Method A", "30.00"]]
+
+
+def test_posthoc_rows_from_summaries(synth):
+    plan, manifest = synth
+    for run in expand_runs(manifest):
+        sel = {"best": {"step": 2, "path": "x"}, "final": {"step": 8, "path": "y"}}
+        Path(run["selection"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(run["selection"]).write_text(json.dumps(sel))
+        for ckpt, summaries in run["eval"].items():
+            for path in summaries.values():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                value = 0.25 if ckpt == "best" else 0.5
+                Path(path).write_text(json.dumps({"avg_at_k": value, "n_samples": 24}))
+    post = aggregate.collect(manifest)["posthoc"]
+    row = post[
+        (post.method == "a")
+        & (post.seed == 1)
+        & (post.checkpoint == "final")
+        & (post.benchmark == "test")
+    ].iloc[0]
+    assert row["value"] == 50.0 and row["step"] == 8 and row["n_samples"] == 24
+    assert set(post.benchmark) == {"test"}  # one benchmark: no separate mean row
+    grid = tables.posthoc_grid(post, aggregate.collect(manifest)["run_status"], manifest)
+    assert grid.header == ["Model", "Method", "best: Test", "final: Test"]
+    assert grid.rows[0] == ["Model M", "Method A", "25.00 ± 0.00", "50.00 ± 0.00"]
+
+
+def test_paper_diff_against_reported_numbers():
+    manifest = {
+        "seeds": [0],
+        "models": {
+            "Qwen3-1.7B": {"label": "Qwen3-1.7B", "t_stop_steps": 100, "updates_per_iter": 2},
+            "Qwen3-30B-A3B-Base": {"label": "30B", "t_stop_steps": 100, "updates_per_iter": 8},
+        },
+        "methods": {"cppo": {"label": "CPPO"}, "cispo": {"label": "CISPO"}},
+    }
+    t1 = pd.DataFrame(
+        [
+            {
+                "model": "Qwen3-1.7B",
+                "method": "cppo",
+                "seed": 0,
+                "benchmark": "mean",
+                "step": 10,
+                "value": 33.0,
+                "n_samples": 1440,
+            },
+            {
+                "model": "Qwen3-30B-A3B-Base",
+                "method": "cispo",
+                "seed": 0,
+                "benchmark": "mean",
+                "step": 10,
+                "value": 40.0,
+                "n_samples": 1440,
+            },
+        ]
+    )
+    t4 = pd.DataFrame(
+        [
+            {
+                "model": "Qwen3-1.7B",
+                "method": "cppo",
+                "seed": 0,
+                "benchmark": "aime24",
+                "step": 10,
+                "value": 30.0,
+                "n_samples": 480,
+            }
+        ]
+    )
+    status = pd.DataFrame(
+        [{"model": "Qwen3-1.7B", "method": "cppo", "seed": 0, "collapse_step": None}]
+    )
+    diff = tables.paper_diff(t1, t4, status, manifest).set_index(["model", "method", "benchmark"])
+    row = diff.loc[("Qwen3-1.7B", "cppo", "mean")]
+    assert row["reported"] == 31.88 and row["reproduced"] == 33.0
+    assert row["diff"] == pytest.approx(1.12)
+    assert diff.loc[("Qwen3-1.7B", "cppo", "aime24")]["diff"] == pytest.approx(30.0 - 34.79)
+    assert diff.loc[("Qwen3-1.7B", "cppo", "aime25")]["reproduced_status"] == "missing"
+    cispo = diff.loc[("Qwen3-30B-A3B-Base", "cispo", "mean")]
+    assert cispo["reported_status"] == "collapse" and math.isnan(cispo["diff"])
+    # 7 (model, method) pairs of the paper are in the manifest's 2 x 2 matrix? only these 2 x 4
+    assert len(diff) == 2 * 2 * 4
+    md = tables.paper_diff_grid(diff.reset_index(), manifest).markdown()
+    assert "| Qwen3-1.7B | CPPO | mean | 31.88 | 33.00 | +1.12 |" in md
+
+
+def test_figures_plot_the_seed_mean(synth):
+    plan, manifest = synth
+    fig = figures.fig_validation(manifest)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    a = lines["Method A"]
+    # x in iterations (steps / 2); y = mean over seeds of val/mean in %
+    assert list(a.get_xdata()) == [0, 1, 2, 3, 4]
+    expected = [
+        sum((A_VALS[s][st][0] + A_VALS[s][st][1]) / 2 for s in A_VALS) / 3 * 100
+        for st in (0, 2, 4, 6, 8)
+    ]
+    assert list(a.get_ydata()) == pytest.approx(expected)
+    for name in plan.figure_names():
+        paths = figures.make_figure(manifest, name, Path(plan.path("figures", name)))
+        assert [p.suffix for p in paths] == [".png", ".pdf"]
+        assert all(p.stat().st_size > 5000 for p in paths), name
+
+
+def test_figure_helpers_by_hand():
+    assert figures.ema([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
+    assert figures.ema([1.0, float("nan"), 3.0], 0.0)[2] == 3.0
+    xs, ys = figures.position_threshold(0.15, 0.8, 2)
+    assert xs == [0.25, 0.75]
+    assert ys == pytest.approx([0.15 / 0.95, 0.15 / 0.85])
+    assert figures.prefix_share({"mask/prefix_fraction": 0.05, "mask/fraction": 0.2}) == 0.25
+    assert figures.prefix_share({"mask/prefix_fraction": None, "mask/fraction": 0.2}) is None
+    assert figures.prefix_share({"mask/prefix_fraction": 0.0, "mask/fraction": 0.0}) is None
+
+
+def test_deviation_profile_and_delta_b_curves(synth):
+    plan, manifest = synth
+    prof = figures.deviation_profile(manifest, "m", "b")
+    # bin i mean = 0.01 (i + 1) + 0.001 seed, averaged over seeds 0..2 -> + 0.001
+    assert prof["mean"] == pytest.approx([0.011, 0.021])
+    assert prof["top10"] == pytest.approx([0.05, 0.10])
+    assert figures.deviation_profile(manifest, "m", "a") is None
+    xs, mean, lo, hi = figures.seed_curves(manifest, "m", "b", "train", "cppo/delta_b_eff")
+    assert xs[0] == 0.5 and mean[0] == pytest.approx(0.021) and lo[0] == 0.02 and hi[0] == 0.022
+
+
+def test_summary_markdown(synth):
+    plan, manifest = synth
+    aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    for name in ("table1", "table4"):
+        tables.render(manifest, plan.path("tables"), name)
+    out = report.write_summary(
+        manifest, ["table1", "table4"], ["fig4_validation"], plan.path("summary.md")
+    )
+    text = out.read_text()
+    assert "Table 1" in text and "Table 4" in text
+    assert "![fig4_validation](figures/fig4_validation.png)" in text
+    assert "- m / b / seed 2: non-finite training metrics from step 3" in text
+
+
+def test_read_metrics_resume_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"kind": "train", "step": 1, "x": 1}\n{"kind": "train", "step": 2, "x": 2}\n'
+        '{"kind": "train", "step": 2, "x": 20}\n{"kind": "validation", "step": 2, "val/mean": 0.5}\n'
+        '{"kind": "train", "st'
+    )
+    m = runs.read_metrics(path)
+    assert [r["x"] for r in m.train] == [1, 20] and m.last_step == 2
+    assert m.validation[0]["val/mean"] == 0.5
+    path.write_text('{"kind": "train", "step": 1}\nnot json\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        runs.read_metrics(path)
+
+
+def test_collapse_needs_a_persistent_break():
+    recs = [
+        {"step": 1, "g": 1.0},
+        {"step": 2, "g": None},
+        {"step": 3, "g": 1.0},
+        {"step": 4, "g": float("nan")},
+        {"step": 5, "g": None},
+    ]
+    assert runs.collapse_step(recs, ["g"]) == 4
+    assert runs.collapse_step(recs[:4] + [{"step": 5, "g": 2.0}], ["g"]) is None
+    assert runs.collapse_step(recs, ["missing"]) is None
+
+
+def test_select_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, {0: (0.1, 0.1), 2: (0.5, 0.5), 4: (0.2, 0.2), 8: (0.9, 0.9)}, train_recs())
+    sel = runs.select_checkpoints(run, 6, "init-model")
+    assert sel["best"] == {"step": 2, "val_mean": 0.5, "path": str(run / "checkpoint-2")}
+    assert sel["final"] == {"step": 8, "path": str(run / "final")}
+    # best at step 0 -> the initial model (with its hub revision)
+    write_run(run, {0: (0.9, 0.9), 2: (0.5, 0.5)}, train_recs())
+    sel = runs.select_checkpoints(run, 6, "Qwen/X", "a" * 40)
+    assert sel["best"] == {"step": 0, "val_mean": 0.9, "path": "Qwen/X", "revision": "a" * 40}
+    # a best step without a saved checkpoint is an error naming what exists
+    write_run(run / ".." / "run2", {0: (0.1, 0.1), 2: (0.5, 0.5)}, train_recs(), checkpoints=(4,))
+    with pytest.raises(FileNotFoundError, match=r"step 2 has no checkpoint-2/ \(saved: \[4\]\)"):
+        runs.select_checkpoints(tmp_path / "run2", 6, "init")
+    write_run(tmp_path / "run3", {2: (0.5, 0.5)}, train_recs(), final=False)
+    with pytest.raises(FileNotFoundError, match="final"):
+        runs.select_checkpoints(tmp_path / "run3", 6, "init")
+
+
+def test_checkpoint_args(tmp_path):
+    from cppo.pipeline.jobs import checkpoint_args
+
+    sel = tmp_path / "s.json"
+    sel.write_text(
+        json.dumps(
+            {
+                "best": {"step": 0, "path": "Qwen/X", "revision": "abc"},
+                "final": {"step": 8, "path": "runs/x/final"},
+            }
+        )
+    )
+    assert checkpoint_args(sel, "best") == "--model Qwen/X --revision abc"
+    assert checkpoint_args(sel, "final") == "--model runs/x/final"
+
+
+def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from cppo.pipeline.publish import publish
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    plan, manifest = synth
+    written = aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    figs = {
+        "fig4_validation": figures.make_figure(
+            manifest, "fig4_validation", Path(plan.path("figures", "fig4_validation"))
+        )[0]
+    }
+    out = tmp_path / "wandb.json"
+    info = publish(
+        manifest,
+        written,
+        figs,
+        project="p",
+        entity=None,
+        mode="offline",
+        tags=["test"],
+        out=out,
+        wandb_dir=tmp_path,
+    )
+    assert json.loads(out.read_text())["id"] == info["id"]
+    files = Path(info["dir"])
+    table1 = next(files.glob("media/table/tables/table1_*.table.json"))
+    data = json.loads(table1.read_text())
+    assert data["columns"] == aggregate.LONG_COLUMNS and len(data["data"]) == 6
+    assert next(files.glob("media/images/figures/fig4_validation_*.png")).stat().st_size > 5000
+    assert list(files.glob("media/table/curves/m_table_*.table.json"))

@@ -1,0 +1,286 @@
+"""Workflow config: schema errors name the key, defaults, and run-config resolution."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from cppo.pipeline.config import ConfigError, load_config, schema_errors, validate
+from cppo.pipeline.plan import Plan, format_cli_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["toy", "toy-full", "paper", "ablations", "ci"]
+
+
+def toy() -> dict:
+    return load_config(ROOT / "config" / "toy.yaml")
+
+
+def errors_of(cfg: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        Plan(cfg)
+    return info.value.errors
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_are_valid(name):
+    plan = Plan(load_config(ROOT / "config" / f"{name}.yaml"))
+    assert plan.profile == name
+    assert plan.runs
+
+
+def test_matrix_sizes():
+    sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).runs) for n in CONFIGS}
+    assert sizes == {"toy": 7, "toy-full": 84, "paper": 28, "ablations": 10, "ci": 7}
+
+
+def _set(cfg: dict, path: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return cfg
+
+
+def _del(cfg: dict, path: str) -> dict:
+    cfg = copy.deepcopy(cfg)
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    del node[last]
+    return cfg
+
+
+# (mutation, a substring every message about it must contain: the key path)
+BROKEN = [
+    (lambda c: _set(c, "validation.evry", 3), "validation: unknown key 'evry'"),
+    (lambda c: _set(c, "models.toy-s-base.schedule.prompt_per_iter", 16),
+     "models.toy-s-base.schedule: unknown key 'prompt_per_iter' (did you mean 'prompts_per_iter'?)"),
+    (lambda c: _set(c, "validation.k", "sixteen"), "validation.k: expected integer"),
+    (lambda c: _set(c, "validation.top_p", 1.5), "validation.top_p"),
+    (lambda c: _set(c, "seeds", []), "seeds"),
+    (lambda c: _del(c, "models.toy-s-base.t_stop"), "models.toy-s-base.t_stop: missing required key"),
+    (lambda c: _set(c, "models.toy-s-base.toy.flavour", "chat"), "models.toy-s-base.toy.flavour"),
+    (lambda c: _set(c, "methods.cppo.divergence", {"kind": "tv"}), "methods.cppo.divergence.kind"),
+    (lambda c: _set(c, "methods.cppo.color", "red"), "methods.cppo.color"),
+    (lambda c: _set(c, "methods.cppo.from_model", ["delta", "eps"]), "methods.cppo.from_model[1]"),
+    (lambda c: _set(c, "profile", "toy/../x"), "profile"),
+    (lambda c: _set(c, "models.bad name", c["models"]["toy-s-base"]), "models: invalid name 'bad name'"),
+    (lambda c: _set(c, "run.methods", ["grpo", "cpo"]),
+     "run.methods[1]: unknown method 'cpo' (did you mean 'cppo'?)"),
+    (lambda c: _set(c, "run.models", ["toy-s"]), "run.models[0]: unknown model 'toy-s'"),
+    (lambda c: _set(c, "validation.benchmarks", ["vall"]), "validation.benchmarks[0]: unknown benchmark 'vall'"),
+    (lambda c: _set(c, "evaluation.benchmarks", ["aime24"]), "evaluation.benchmarks[0]: unknown benchmark 'aime24'"),
+    (lambda c: _set(c, "models.toy-s-base.schedule.minibatch", 5),
+     "models.toy-s-base.schedule: prompts_per_iter (16) must equal minibatch x updates_per_iter"),
+    (lambda c: _set(c, "models.toy-s-base.t_stop", 99), "models.toy-s-base.t_stop: 99 exceeds"),
+    (lambda c: _set(c, "validation.every", 50), "validation.every"),
+    (lambda c: _del(c, "models.toy-s-base.trust_region.w_min"), "models.toy-s-base.trust_region.w_min: missing"),
+    (lambda c: _set(c, "methods.cppo.params", {"delta": 0.1}), "methods.cppo.params.delta: also listed in from_model"),
+    (lambda c: _set(c, "benchmarks.holdout", {"source": "file", "path": "data/other.jsonl"}),
+     "benchmarks.holdout.path: file stem 'other'"),
+    (lambda c: _set(c, "models.toy-s-base.training", {"save_every": 3}),
+     "models.toy-s-base.training.save_every: 3 does not divide validation.every"),
+    (lambda c: _set(c, "models.toy-s-base.hub", {"id": "Qwen/Qwen3-1.7B", "revision": "main"}),
+     "models.toy-s-base.hub.revision: 'main' does not match"),
+    (lambda c: _set(c, "data.train", {"source": "file"}), "data.train.path: missing required key"),
+    (lambda c: _set(c, "figures", {"ablations": [{"name": "f", "methods": ["cppo_kl"]}]}),
+     "figures.ablations[0].methods[0]: method 'cppo_kl' is not in run.methods"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mutate,expected", BROKEN, ids=[e for _, e in BROKEN])
+def test_broken_configs_are_rejected_naming_the_key(mutate, expected):
+    errors = errors_of(mutate(toy()))
+    assert any(expected in e for e in errors), errors
+
+
+def test_rule_params_are_checked_by_the_rule_registry():
+    cfg = _set(toy(), "methods.grpo.params", {"eps_lo": 0.2})
+    errors = errors_of(cfg)
+    assert any(
+        e.startswith("methods.grpo.params (model toy-s-base)") and "eps_lo" in e for e in errors
+    ), errors
+    cfg = _set(toy(), "methods.grpo.rule", "grp")
+    assert any(e.startswith("methods.grpo.rule") and "grpo" in e for e in errors_of(cfg))
+    cfg = _set(toy(), "models.toy-s-base.method_overrides", {"cppo": {"w_min": 2.0}})
+    errors = errors_of(cfg)
+    assert any("models.toy-s-base.method_overrides.cppo" in e and "w_min" in e for e in errors)
+
+
+def test_every_error_is_reported_at_once():
+    cfg = _set(_set(toy(), "validation.evry", 3), "figures.smoth", 1)
+    errors = schema_errors(cfg)
+    assert len(errors) == 2 and any("figures: unknown key 'smoth'" in e for e in errors)
+
+
+def test_defaults_are_filled():
+    cfg = validate(
+        {
+            "profile": "p",
+            "seeds": [0],
+            "run": {"models": ["m"], "methods": ["g"]},
+            "data": {"train": {"source": "toy"}},
+            "benchmarks": {"val": {"source": "toy"}},
+            "validation": {"benchmarks": ["val"], "every": 2},
+            "models": {
+                "m": {
+                    "source": "toy",
+                    "toy": {"preset": "toy-s", "flavour": "base"},
+                    "schedule": {
+                        "prompts_per_iter": 4,
+                        "n": 2,
+                        "minibatch": 2,
+                        "updates_per_iter": 2,
+                        "iterations": 4,
+                        "max_prompt_length": 64,
+                        "max_completion_length": 32,
+                    },
+                    "t_stop": 4,
+                }
+            },
+            "methods": {"g": {"rule": "grpo"}},
+        }
+    )
+    assert cfg["validation"]["k"] == 16 and cfg["validation"]["temperature"] == 0.7
+    assert cfg["validation"]["top_p"] == 0.95
+    assert cfg["evaluation"]["benchmarks"] == ["val"]
+    assert cfg["evaluation"]["checkpoints"] == ["best", "final"]
+    assert cfg["schedule"]["learning_rate"] == 1e-6
+    assert cfg["publish"]["wandb"]["enabled"] is False
+    assert cfg["commands"]["train"] == {"launcher": "python -m", "module": "cppo.train"}
+
+
+def test_run_config_resolution():
+    plan = Plan(toy())
+    cfg = plan.run_config("toy-s-base", "cppo", 0)
+    assert cfg["run_name"] == "toy-s-base__cppo__s0"
+    assert cfg["output_dir"] == "results/toy/runs/toy-s-base/cppo/seed0"
+    assert cfg["model"] == "results/toy/models/toy-s-base" and "model_revision" not in cfg
+    assert cfg["train_data"] == "results/toy/data/toy/train.jsonl"
+    assert cfg["method"] == {
+        "rule": "cppo",
+        "delta": 0.15,
+        "delta_b": 0.02,
+        "adaptive_delta_b": True,
+        "w_min": 0.8,
+        "divergence": "topk_tv",
+        "topk": 20,
+    }
+    assert cfg["divergence"] == {"kind": "topk_tv", "topk": 20}
+    # iterations -> optimizer steps: validation every 4 iterations x 2 updates
+    assert cfg["validation"]["every"] == 8 and cfg["save_every"] == 8
+    assert cfg["validation"]["benchmarks"] == ["results/toy/data/toy/val.jsonl"]
+    assert cfg["validation"]["max_new_tokens"] == cfg["schedule"]["max_completion_length"] == 160
+    assert cfg["schedule"]["iterations"] == 24 and cfg["threads"] == 1
+    # TRM reads KL: run-level divergence follows the rule's (the trainer requires agreement)
+    assert plan.run_config("toy-s-base", "trm_max", 0)["divergence"]["kind"] == "topk_kl"
+    # grpo reads none: run-level divergence is the config's logged one, none in the method
+    grpo = plan.run_config("toy-s-base", "grpo", 0)
+    assert grpo["divergence"] == {"kind": "topk_tv", "topk": 20}
+    assert "divergence" not in grpo["method"]
+
+
+def test_run_config_is_accepted_by_the_trainer():
+    runconfig = pytest.importorskip("cppo.training.runconfig")
+    for name in CONFIGS:
+        plan = Plan(load_config(ROOT / "config" / f"{name}.yaml"))
+        for run in plan.runs:
+            runconfig.validate_run_config(copy.deepcopy(plan.run_config(*run)))
+
+
+def test_paper_config_matches_table3():
+    plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
+    table3 = {  # prompts, n, minibatch, updates, T_max, delta, delta_b, adaptive, w_min, T_stop
+        "Qwen3-1.7B": (64, 8, 32, 2, 8192, 0.15, 0.015, False, 0.8, 1120),
+        "Qwen3-1.7B-Base": (64, 8, 32, 2, 8192, 0.15, 0.020, True, 0.8, 680),
+        "Qwen3-8B-Base": (128, 8, 32, 4, 8192, 0.15, 0.020, True, 0.8, 490),
+        "Qwen3-30B-A3B-Base": (256, 16, 32, 8, 16384, 0.20, 0.020, True, 0.8, 560),
+    }
+    for model, row in table3.items():
+        cfg = plan.run_config(model, "cppo", 0)
+        s, m = cfg["schedule"], cfg["method"]
+        got = (
+            s["prompts_per_iter"],
+            s["n"],
+            s["minibatch"],
+            s["updates_per_iter"],
+            s["max_completion_length"],
+            m["delta"],
+            m["delta_b"],
+            m["adaptive_delta_b"],
+            m["w_min"],
+            plan.cfg["models"][model]["t_stop"],
+        )
+        assert got == row, model
+        assert plan.t_stop_steps(model) == row[-1] * row[3]
+        assert cfg["model_revision"] and len(cfg["model_revision"]) == 40
+        assert cfg["schedule"]["learning_rate"] == 1e-6 and cfg["schedule"]["temperature"] == 1.0
+        assert cfg["validation"]["k"] == 16 and cfg["validation"]["temperature"] == 0.7
+        assert cfg["validation"]["top_p"] == 0.95 and cfg["backend"] == "vllm"
+        assert plan.run_config(model, "dppo", 0)["method"]["delta"] == row[5]
+    assert plan.cfg["validation"]["benchmarks"] == ["aime24", "aime25", "aime26"]
+    assert (
+        plan.cfg["data"]["dapo_math_17k"]["revision"] == "65877096c24ffa7abc4e4fa5edb95cf3413a5674"
+    )
+
+
+def test_ablation_variants_change_one_thing():
+    plan = Plan(load_config(ROOT / "config" / "ablations.yaml"))
+    base = plan.run_config("toy-s-base", "cppo", 0)["method"]
+
+    def diff(method):
+        m = plan.run_config("toy-s-base", method, 0)["method"]
+        return {k: m.get(k) for k in set(m) | set(base) if m.get(k) != base.get(k)}
+
+    assert diff("cppo_no_position_weight") == {"position_weight": False}
+    assert diff("cppo_no_prefix_budget") == {"prefix_budget": False}
+    assert diff("cppo_shuffled_weights") == {"shuffle_weights": True}
+    assert diff("cppo_soft_gate") == {"gate": "soft"}
+    assert diff("cppo_db003_fixed") == {"delta_b": 0.03, "adaptive_delta_b": False}
+    assert diff("cppo_wmin06") == {"w_min": 0.6}
+    assert diff("cppo_kl") == {"delta": 0.1, "delta_b": 0.002, "divergence": "topk_kl"}
+    assert diff("cppo_binary_tv") == {"divergence": "binary_tv", "topk": None}
+
+
+def test_method_overrides_and_extra_keys():
+    cfg = toy()
+    cfg["models"]["toy-s-base"]["method_overrides"] = {"grpo": {"eps_high": 0.3}}
+    cfg["training"]["extra"] = {"gradient_checkpointing": True}
+    plan = Plan(cfg)
+    run = plan.run_config("toy-s-base", "grpo", 0)
+    assert run["method"]["eps_high"] == 0.3 and run["method"]["eps_low"] == 0.2
+    assert run["gradient_checkpointing"] is True
+
+
+def test_format_cli_args():
+    assert format_cli_args({"n-train": 100, "fast": True, "slow": False, "x": None}) == (
+        "--n-train 100 --fast"
+    )
+    assert format_cli_args({"path": "a b"}) == "--path 'a b'"
+
+
+def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
+    pytest.importorskip("cppo.rules")
+    (tmp_path / "plugin_rule_cfg.py").write_text(
+        "from cppo.rules import register_rule, get_rule, available_rules\n"
+        "if 'plugin_cfg_rule' not in available_rules():\n"
+        "    register_rule('plugin_cfg_rule')(get_rule('grpo').fn)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = toy()
+    cfg["methods"]["plug"] = {"rule": "plugin_cfg_rule", "module": "plugin_rule_cfg"}
+    cfg["run"]["methods"] = ["grpo", "plug"]
+    plan = Plan(cfg)
+    assert plan.run_config("toy-s-base", "plug", 0)["method"] == {"rule": "plugin_cfg_rule"}
+    assert plan.train_command("plug") == (
+        "python -m cppo.pipeline.launch --import plugin_rule_cfg -- cppo.train"
+    )
+    assert plan.train_command("grpo") == "python -m cppo.train"
+    cfg["methods"]["plug"]["module"] = "no_such_module_here"
+    assert any("methods.plug.module" in e for e in errors_of(cfg))

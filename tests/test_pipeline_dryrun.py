@@ -1,0 +1,135 @@
+"""Snakemake dry runs of every shipped config, lint, config errors, the SLURM profile."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_helpers import ROOT, job_counts, snakemake
+
+EXPECTED = {
+    # config: the job counts that define its matrix
+    "toy": {
+        "train": 7,
+        "run_config": 7,
+        "evaluate": 14,
+        "select_checkpoints": 7,
+        "toy_warm_start": 1,
+        "toy_init_model": 1,
+        "figure": 4,
+        "render_table": 3,
+    },
+    "toy-full": {
+        "train": 84,
+        "evaluate": 168,
+        "toy_warm_start": 4,
+        "toy_init_model": 3,
+        "figure": 7,
+        "render_table": 3,
+    },
+    "paper": {
+        "train": 28,
+        "evaluate": 56,
+        "hub_prefetch": 4,
+        "export_benchmark": 3,
+        "dapo_math_17k": 1,
+        "figure": 7,
+        "render_table": 4,
+    },
+    "ablations": {"train": 10, "figure": 7, "render_table": 2},
+    "ci": {"train": 7, "evaluate": 7, "figure": 4, "render_table": 3},
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_dry_run(name, tmp_path):
+    proc = snakemake(tmp_path, "-n", configfiles=[ROOT / "config" / f"{name}.yaml"])
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    counts = job_counts(proc.stdout)
+    for rule, n in EXPECTED[name].items():
+        assert counts.get(rule, 0) == n, (rule, counts)
+    assert "evaluate" in counts or name == "ablations"
+    assert counts["all"] == 1
+    assert f"results/{name}/" in proc.stdout
+
+
+def test_default_config_is_the_toy_one(tmp_path):
+    proc = snakemake(tmp_path, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "results/toy/" in proc.stdout and "results/ci/" not in proc.stdout
+    assert job_counts(proc.stdout)["train"] == 7
+
+
+def test_configfile_replaces_the_default(tmp_path):
+    # Snakemake would merge --configfile into the default; the Snakefile must not
+    proc = snakemake(tmp_path, "-n", configfiles=[ROOT / "config" / "paper.yaml"])
+    assert proc.returncode == 0
+    assert "toy-s-base" not in proc.stdout
+
+
+def test_paper_dry_run_time(tmp_path):
+    start = time.perf_counter()
+    proc = snakemake(tmp_path, "-n", "-q", configfiles=[ROOT / "config" / "paper.yaml"])
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0
+    print(f"paper dry run: {elapsed:.1f} s")
+    assert elapsed < 20, f"paper dry run took {elapsed:.1f} s (target < 10 s)"
+
+
+@pytest.mark.parametrize("name", ["toy", "paper"])
+def test_lint_is_clean(name, tmp_path):
+    proc = snakemake(tmp_path, "--lint", configfiles=[ROOT / "config" / f"{name}.yaml"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_broken_config_stops_snakemake_naming_the_key(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
+    cfg["models"]["toy-s-base"]["schedule"]["prompt_per_iter"] = 16
+    cfg["methods"]["cppo"]["params"] = {"w_mni": 0.8}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", configfiles=[bad])
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "models.toy-s-base.schedule: unknown key 'prompt_per_iter'" in out
+    # schema errors are reported first; fix them and the rule's own check names the param
+    del cfg["models"]["toy-s-base"]["schedule"]["prompt_per_iter"]
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", configfiles=[bad])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "methods.cppo.params (model toy-s-base)" in out and "w_mni" in out
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1
+    # conda is not installed here; everything else of the profile is exercised
+    profile.pop("software-deployment-method")
+    prof_dir = tmp_path / "profile"
+    prof_dir.mkdir()
+    (prof_dir / "config.yaml").write_text(yaml.safe_dump(profile))
+    proc = snakemake(
+        tmp_path, "-n", "--profile", str(prof_dir), configfiles=[ROOT / "config" / "paper.yaml"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "gpu=8" in out and "slurm_partition=<GPU_PARTITION>" in out
+    assert "runtime=10080" in out  # the 30B model's wall time from the config
+    assert "accelerate launch" in out
+
+
+def test_local_profile_is_valid_yaml():
+    profile = yaml.safe_load((ROOT / "profiles" / "local" / "config.yaml").read_text())
+    assert profile["cores"] == "all" and profile["rerun-incomplete"] is True
+
+
+def test_results_go_under_the_profile(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--config", "profile=my-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "results/my-run/tables/table1.md" in proc.stdout
+    assert not Path(tmp_path / "results").exists()  # a dry run writes nothing

@@ -1,0 +1,49 @@
+"""envs/*.yaml pin exactly what pyproject.toml pins (the single source of versions)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm(req: str) -> str:
+    """'lm-eval[hf,math]==0.4.13' -> 'lm_eval[hf,math]==0.4.13' (PEP 503 name, no spaces)."""
+    req = req.replace(" ", "")
+    m = re.match(r"^([A-Za-z0-9._-]+)(.*)$", req)
+    assert m, req
+    return re.sub(r"[-_.]+", "_", m.group(1)).lower() + m.group(2)
+
+
+def _pip_deps(env_file: str) -> list[str]:
+    env = yaml.safe_load((ROOT / "envs" / env_file).read_text())
+    pip = [d for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip) == 1, env_file
+    return [_norm(r) for r in pip[0]["pip"] if not r.startswith("-")]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_cpu_env_mirrors_dependencies():
+    want = sorted(_norm(r) for r in _pyproject()["dependencies"])
+    assert sorted(_pip_deps("cpu.yaml")) == want
+
+
+def test_gpu_env_mirrors_dependencies_and_gpu_extra():
+    proj = _pyproject()
+    want = sorted(_norm(r) for r in proj["dependencies"] + proj["optional-dependencies"]["gpu"])
+    assert sorted(_pip_deps("gpu.yaml")) == want
+
+
+def test_env_python_matches_requires_python():
+    floor = re.match(r">=\s*(\d+\.\d+)", _pyproject()["requires-python"]).group(1)
+    for env_file in ("cpu.yaml", "gpu.yaml"):
+        env = yaml.safe_load((ROOT / "envs" / env_file).read_text())
+        pythons = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
+        assert pythons == [f"python={floor}"], env_file

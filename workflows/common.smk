@@ -1,0 +1,102 @@
+# Shared state for the workflow files: the validated config and the job matrix
+# (cppo.pipeline.plan.Plan) plus small helpers. Kept free of rules on purpose.
+import json
+import re
+
+from snakemake.exceptions import WorkflowError
+
+from cppo.pipeline.config import ConfigError
+from cppo.pipeline.plan import Plan
+
+try:
+    PLAN = Plan(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+R = PLAN.root
+PIPE = "python -m cppo.pipeline"
+
+
+def alternatives(names):
+    """A wildcard constraint matching exactly one of `names`."""
+    return "|".join(re.escape(str(n)) for n in names) or "(?!)"
+
+
+wildcard_constraints:
+    model=alternatives(PLAN.models),
+    method=alternatives(PLAN.methods),
+    seed=r"\d+",
+    ckpt="best|final",
+
+
+def run_done(w):
+    return PLAN.done_path(w.model, w.method, w.seed)
+
+
+def all_done():
+    return [PLAN.done_path(*run) for run in PLAN.runs]
+
+
+def all_selections():
+    if not PLAN.eval_checkpoints:
+        return []
+    return [PLAN.selection_path(*run) for run in PLAN.runs]
+
+
+def all_eval_summaries():
+    return [
+        path
+        for run in PLAN.runs
+        for ckpt in PLAN.eval_checkpoints
+        for path in PLAN.eval_summaries(*run, ckpt)
+    ]
+
+
+def benchmark_files(names):
+    return [PLAN.benchmark_path(b) for b in names]
+
+
+def res(step, key):
+    """A resource of a per-model step (train, evaluate) as an input function of the wildcards."""
+    return lambda w: PLAN.snakemake_resources(step, w.model)[key]
+
+
+AGGREGATE_CSVS = ["validation_long", "table1", "table4", "posthoc", "run_status"]
+if PLAN.cfg["paper_comparison"]:
+    AGGREGATE_CSVS.append("paper_diff")
+
+
+def format_dapo_args(dapo):
+    """Options of `python -m cppo.pipeline dapo` from the data.dapo_math_17k block."""
+    from cppo.pipeline.plan import format_cli_args
+
+    if dapo.get("local_file"):
+        opts = {"source-file": dapo["local_file"], "sha256": dapo.get("sha256")}
+    else:
+        opts = {
+            "hub-id": dapo["hub_id"],
+            "revision": dapo["revision"],
+            "filename": dapo["filename"],
+            "sha256": dapo.get("sha256"),
+        }
+    opts["dedupe"] = dapo.get("dedupe", "prompt")
+    return format_cli_args(opts)
+
+
+def initial_model_args(model):
+    """--initial-model [--initial-revision] of `cppo.pipeline select` (the step-0 model)."""
+    path, revision = PLAN.initial_model(model)
+    args = f"--initial-model {path}"
+    return f"{args} --initial-revision {revision}" if revision else args
+
+
+TABLE_EXTS = ["csv", "md", "tex", "html"]
+FIG_EXTS = ["png", "pdf"]
+
+
+def wandb_args(wb):
+    """Options of `python -m cppo.pipeline publish` from publish.wandb."""
+    from cppo.pipeline.plan import format_cli_args
+
+    args = format_cli_args({"project": wb["project"], "entity": wb["entity"], "mode": wb["mode"]})
+    return " ".join([args, *(format_cli_args({"tag": t}) for t in wb["tags"])])

@@ -1,0 +1,50 @@
+# Post-hoc evaluation: the best in-loop validation checkpoint within [0, T_stop] and the final
+# model of every run, through the evaluation package's CLI.
+
+
+rule select_checkpoints:
+    input:
+        done=run_done,
+    output:
+        f"{R}/selection/{{model}}/{{method}}/seed{{seed}}.json",
+    params:
+        run_dir=lambda w, input: os.path.dirname(input.done),
+        t_stop=lambda w: PLAN.t_stop_steps(w.model),
+        initial=lambda w: initial_model_args(w.model),
+    log:
+        f"{R}/logs/select/{{model}}/{{method}}/seed{{seed}}.log",
+    conda:
+        PLAN.env_file()
+    shell:
+        "python -m cppo.pipeline select --run-dir {params.run_dir} --t-stop-steps {params.t_stop}"
+        " {params.initial} --out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        selection=f"{R}/selection/{{model}}/{{method}}/seed{{seed}}.json",
+        benchmarks=benchmark_files(PLAN.cfg["evaluation"]["benchmarks"]),
+    output:
+        expand(
+            "{root}/eval/{{model}}/{{method}}/seed{{seed}}/{{ckpt}}/{bench}.summary.json",
+            root=R,
+            bench=PLAN.cfg["evaluation"]["benchmarks"],
+        ),
+    params:
+        evaluate=PLAN.command("evaluate"),
+        outdir=lambda w, output: os.path.dirname(output[0]),
+        name=lambda w: f"{w.model}/{w.method}/seed{w.seed}/{w.ckpt}",
+        args=lambda w: PLAN.eval_args(w.model),
+    log:
+        f"{R}/logs/eval/{{model}}/{{method}}/seed{{seed}}/{{ckpt}}.log",
+    threads: lambda w: PLAN.threads("evaluate", w.model)
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+        gpu=res("evaluate", "gpu"),
+    conda:
+        lambda w: PLAN.env_file(w.model)
+    shell:
+        "MODEL_ARGS=$(python -m cppo.pipeline checkpoint-args {input.selection} {wildcards.ckpt})\n"
+        "OMP_NUM_THREADS={threads} {params.evaluate} $MODEL_ARGS --model-name {params.name}"
+        " {params.args} --no-progress --out {params.outdir} > {log} 2>&1"

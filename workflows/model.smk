@@ -1,0 +1,95 @@
+# Models: toy tokenizer, tiny Qwen3 initialisations and SFT warm starts (toy scale), or a
+# download of the pinned hub revision on the submit host (paper scale, optional).
+
+
+localrules:
+    hub_prefetch,
+
+
+rule toy_tokenizer:
+    input:
+        train=f"{R}/data/toy/train.jsonl",
+    output:
+        directory(f"{R}/models/tokenizer"),
+    params:
+        toy=PLAN.command("toy"),
+        data=lambda w, input: os.path.dirname(input.train),
+        args=PLAN.toy_args("tokenizer"),
+    log:
+        f"{R}/logs/models/tokenizer.log",
+    threads: PLAN.threads("toy_model")
+    resources:
+        **PLAN.snakemake_resources("toy_model"),
+    conda:
+        PLAN.env_file()
+    shell:
+        "{params.toy} tokenizer --data {params.data} --out {output} {params.args} > {log} 2>&1"
+
+
+rule toy_init_model:
+    input:
+        tokenizer=f"{R}/models/tokenizer",
+    output:
+        directory(f"{R}/models/init/{{init}}"),
+    wildcard_constraints:
+        init=alternatives(PLAN.init_models),
+    params:
+        toy=PLAN.command("toy"),
+        preset=lambda w: PLAN.init_models[w.init]["preset"],
+        seed=lambda w: PLAN.init_models[w.init]["seed"],
+        args=PLAN.toy_args("model"),
+    log:
+        f"{R}/logs/models/init_{{init}}.log",
+    threads: PLAN.threads("toy_model")
+    resources:
+        **PLAN.snakemake_resources("toy_model"),
+    conda:
+        PLAN.env_file()
+    shell:
+        "{params.toy} model --preset {params.preset} --tokenizer {input.tokenizer}"
+        " --out {output} --seed {params.seed} {params.args} > {log} 2>&1"
+
+
+rule toy_warm_start:
+    input:
+        model=lambda w: PLAN.init_model_dir(PLAN.init_model_name(w.model)),
+        train=f"{R}/data/toy/train.jsonl",
+        val=f"{R}/data/toy/val.jsonl",
+    output:
+        directory(f"{R}/models/{{model}}"),
+    wildcard_constraints:
+        model=alternatives(PLAN.toy_models),
+    params:
+        toy=PLAN.command("toy"),
+        data=lambda w, input: os.path.dirname(input.train),
+        flavour=lambda w: PLAN.cfg["models"][w.model]["toy"]["flavour"],
+        seed=lambda w: PLAN.cfg["models"][w.model]["toy"]["seed"],
+        args=PLAN.toy_args("warm_start"),
+    log:
+        f"{R}/logs/models/warm_start_{{model}}.log",
+    threads: PLAN.threads("warm_start")
+    resources:
+        **PLAN.snakemake_resources("warm_start"),
+    conda:
+        PLAN.env_file()
+    shell:
+        "OMP_NUM_THREADS={threads} {params.toy} warm-start --model {input.model}"
+        " --data {params.data} --flavour {params.flavour} --out {output} --seed {params.seed}"
+        " {params.args} > {log} 2>&1"
+
+
+rule hub_prefetch:
+    output:
+        f"{R}/models/{{model}}.hub.json",
+    wildcard_constraints:
+        model=alternatives(PLAN.hub_models),
+    params:
+        hub_id=lambda w: PLAN.cfg["models"][w.model]["hub"]["id"],
+        revision=lambda w: PLAN.cfg["models"][w.model]["hub"]["revision"],
+    log:
+        f"{R}/logs/models/prefetch_{{model}}.log",
+    conda:
+        PLAN.env_file()
+    shell:
+        "python -m cppo.pipeline prefetch --id {params.hub_id} --revision {params.revision}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,27 @@
+# Figures (PNG for the report, PDF for papers): Fig. 4, Fig. 8-11 diagnostics per model,
+# Fig. 7, Fig. 2 and the Fig. 5/6 ablation figures named in the config.
+
+
+rule figure:
+    input:
+        manifest=f"{R}/manifest.json",
+        runs=all_done(),
+    output:
+        png=report(
+            f"{R}/figures/{{figure}}.png",
+            caption="report/figure.rst",
+            category="Figures",
+            labels={"figure": "{figure}"},
+        ),
+        pdf=f"{R}/figures/{{figure}}.pdf",
+    wildcard_constraints:
+        figure=alternatives(PLAN.figure_names()),
+    params:
+        prefix=lambda w, output: os.path.splitext(output.png)[0],
+    log:
+        f"{R}/logs/figures/{{figure}}.log",
+    conda:
+        PLAN.env_file()
+    shell:
+        "MPLBACKEND=Agg python -m cppo.pipeline figure --manifest {input.manifest}"
+        " --name {wildcards.figure} --out-prefix {params.prefix} > {log} 2>&1"

@@ -1,0 +1,48 @@
+# Training: one job per {model, method, seed}. The job's declared output is only the trainer's
+# DONE marker, so a failed or killed job leaves the run directory (checkpoints, metrics) in
+# place and the next invocation resumes from it (cppo.pipeline.jobs.prepare_state_dir).
+
+
+localrules:
+    run_config,
+
+
+rule run_config:
+    output:
+        f"{R}/configs/{{model}}/{{method}}/seed{{seed}}.yaml",
+    params:
+        cfg=lambda w: json.dumps(PLAN.run_config(w.model, w.method, w.seed)),
+    log:
+        f"{R}/logs/configs/{{model}}/{{method}}/seed{{seed}}.log",
+    conda:
+        PLAN.env_file()
+    shell:
+        "python -m cppo.pipeline write --format yaml --data {params.cfg:q} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        cfg=f"{R}/configs/{{model}}/{{method}}/seed{{seed}}.yaml",
+        data=PLAN.train_data,
+        model=lambda w: PLAN.model_inputs(w.model),
+        benchmarks=benchmark_files(PLAN.cfg["validation"]["benchmarks"]),
+    output:
+        f"{R}/runs/{{model}}/{{method}}/seed{{seed}}/DONE",
+    params:
+        state=lambda w, output: os.path.dirname(output[0]),
+        trainer=lambda w: PLAN.train_command(w.method),
+        # CPU threads per trainer process (one process per GPU under accelerate)
+        omp=lambda w, threads: max(1, threads // max(1, PLAN.resources("train", w.model)["gpus"])),
+    log:
+        f"{R}/logs/train/{{model}}/{{method}}/seed{{seed}}.log",
+    threads: lambda w: PLAN.threads("train", w.model)
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    conda:
+        lambda w: PLAN.env_file(w.model)
+    shell:
+        "OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp}"
+        " python -m cppo.pipeline train-job --run-config {input.cfg} --state-dir {params.state}"
+        " -- {params.trainer} > {log} 2>&1"
