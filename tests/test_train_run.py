@@ -234,7 +234,9 @@ def test_cli_end_to_end(assets, tmp_path):
 
 
 def test_wandb_offline_run_is_named_and_resumable(assets, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    # another test in this process may have set up wandb already: start from a clean library state
+    wandb.teardown()
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = config(
         assets,
