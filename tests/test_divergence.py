@@ -18,13 +18,7 @@ from cppo.divergence import (
     topk_tv,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_dists(seed: int, B=3, T=7, V=40, scale=2.0, drift=0.5, dtype=torch.float64):

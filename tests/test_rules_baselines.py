@@ -15,13 +15,7 @@ from cppo.rules.reference import (
     trm_keep_reference,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(seed: int, *, B=5, T=24, spread=0.4, adv_per_token=False, garbage=True):
