@@ -93,7 +93,7 @@ def main() -> None:
             "run": r,
             "warm_start_wall_s": dt,
             "train_s": out["train_seconds"],
-            "steps": out["settings"]["steps"],
+            "steps": out["steps"],
             "final_loss": out["final_loss"],
             "load_at_start": load,
             f"val_avg@{args.k}": ev["avg_at_k"],

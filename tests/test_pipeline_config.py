@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cppo.pipeline.config import ConfigError, load_config, schema_errors, validate
 from cppo.pipeline.plan import Plan, format_cli_args
@@ -177,7 +178,9 @@ def test_run_config_resolution():
     assert cfg["validation"]["every"] == 8 and cfg["save_every"] == 8
     assert cfg["validation"]["benchmarks"] == ["results/toy/data/toy/val.jsonl"]
     assert cfg["validation"]["max_new_tokens"] == cfg["schedule"]["max_completion_length"] == 160
-    assert cfg["schedule"]["iterations"] == 24 and cfg["threads"] == 1
+    raw = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
+    assert cfg["schedule"]["iterations"] == raw["models"]["toy-s-base"]["schedule"]["iterations"]
+    assert cfg["threads"] == 1
     # TRM reads KL: run-level divergence follows the rule's (the trainer requires agreement)
     assert plan.run_config("toy-s-base", "trm_max", 0)["divergence"]["kind"] == "topk_kl"
     # grpo reads none: run-level divergence is the config's logged one, none in the method

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -11,9 +12,11 @@ from cppo.toy.task import (
     Problem,
     TaskConfig,
     check_disjoint,
+    draw_slips,
     generate_splits,
     read_jsonl,
     verify_data_dir,
+    worked_solution,
     write_data,
 )
 from evaluation.dapo import dapo_correct, dapo_reward, extract_answer, format_prompt
@@ -61,64 +64,52 @@ def test_tiny_task_space_is_an_error():
 
 
 def _terms_from_text(text: str) -> list[int]:
-    expr = re.fullmatch(r"What is ([0-9+\-]+)\?", text).group(1)
-    return [int(t) for t in re.findall(r"[+-]?\d+", expr)]
+    m = re.fullmatch(r"What is the total of (.*)\?", text)
+    items = m.group(1).split(" ")
+    letters = items[0::2]
+    assert letters == [f"{c})" for c in "abcdefghijklmnopqrstuvwxyz"[: len(letters)]]
+    values = items[1::2]
+    assert values[0].isdigit() and all(v[0] in "+-" for v in values[1:])
+    return [int(v) for v in values]
 
 
 def test_problem_text_and_answer_independent(splits):
     for p in [*splits["train"], *splits["val"]]:
         terms = _terms_from_text(p.text)
         assert terms == list(p.terms)
-        # reference value by plain left-to-right evaluation of the expression string
-        expr = p.text[len("What is ") : -1]
-        value, sign, i = 0, 1, 0
-        while i < len(expr):
-            if expr[i] in "+-":
-                sign = 1 if expr[i] == "+" else -1
-                i += 1
-            value += sign * int(expr[i])
-            i += 1
+        # reference value by plain left-to-right evaluation of the problem text
+        value = 0
+        for item in p.text.rstrip("?").split(" "):
+            if item[:1] in "+-" and item[1:].isdigit() or item.isdigit():
+                value += int(item)
         assert value == p.answer
+    plain = Problem((7, 5, -3), "plain")
+    assert plain.text == "What is 7+5-3?" and plain.answer == 9
 
 
-def _fold_reference(terms: list[int]) -> list[list[int]]:
-    """Independent reference for the rewrite style: the term lists line by line."""
-    out = [list(terms)]
-    while len(out[-1]) > 1:
-        a, b, *rest = out[-1]
-        out.append([a + b, *rest])
-    return out
+def _check_steps(p: Problem, lettered: bool) -> None:
+    body, answer_line = p.solution.rsplit("\n", 1)
+    assert answer_line == f"Answer: {p.answer}"
+    pattern = r"([a-z])\) (\d+)([+-])(\d+)=(\d+)\." if lettered else r"()(\d+)([+-])(\d+)=(\d+)\."
+    steps = re.findall(pattern, body)
+    assert " ".join(f"{x}) " * lettered + f"{a}{o}{b}={c}." for x, a, o, b, c in steps) == body
+    assert len(steps) == len(p.terms) - 1
+    total = p.terms[0]
+    for i, ((letter, a, op, b, c), t) in enumerate(zip(steps, p.terms[1:], strict=True), 1):
+        if lettered:
+            assert letter == "abcdefghijklmnopqrstuvwxyz"[i]
+        assert int(a) == total
+        assert (1 if op == "+" else -1) * int(b) == t
+        assert int(c) == int(a) + t
+        total = int(c)
+        assert total >= 0  # running totals never go negative
 
 
-def test_rewrite_solution_lines_are_right():
-    rewrite = generate_splits(TaskConfig(style="rewrite"), SIZES, seed=11)
-    for p in rewrite["train"]:
-        *lines, answer_line = p.solution.split("\n")
-        assert answer_line == f"Answer: {p.answer}"
-        assert lines[0] == p.text[len("What is ") : -1]
-        assert all(line.startswith("= ") for line in lines[1:])
-        parsed = [
-            [int(t) for t in re.findall(r"[+-]?\d+", line.removeprefix("= "))] for line in lines
-        ]
-        assert parsed == _fold_reference(list(p.terms))
-        assert all(line[0] >= 0 for line in parsed)  # running totals never go negative
-
-
-def test_running_solution_steps_are_right():
-    cfg = TaskConfig(style="running")
-    for p in generate_splits(cfg, {"train": 200}, seed=4)["train"]:
-        body, answer_line = p.solution.rsplit("\n", 1)
-        assert answer_line == f"Answer: {p.answer}"
-        steps = body.split(" ")
-        assert len(steps) == len(p.terms) - 1
-        total = p.terms[0]
-        for step, t in zip(steps, p.terms[1:], strict=True):
-            a, op, b, c = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)\.", step).groups()
-            assert int(a) == total
-            assert (1 if op == "+" else -1) * int(b) == t
-            assert int(c) == int(a) + t
-            total = int(c)
-            assert total >= 0
+def test_worked_solution_steps_are_right(splits):
+    for p in splits["train"]:
+        _check_steps(p, lettered=True)
+    for p in generate_splits(TaskConfig(style="plain"), {"train": 200}, seed=4)["train"]:
+        _check_steps(p, lettered=False)
         assert dapo_correct(p.solution, str(p.answer))
 
 
@@ -177,8 +168,71 @@ def test_write_data(tmp_path):
 
 
 def test_problem_hand_checked():
-    assert Problem((3, 4, -2), "rewrite").solution == "3+4-2\n= 7-2\n= 5\nAnswer: 5"
-    assert Problem((3, 4, -2), "running").solution == "3+4=7. 7-2=5.\nAnswer: 5"
-    assert Problem((3, 4, -2)).text == "What is 3+4-2?"
+    p = Problem((3, 4, -2))
+    assert p.text == "What is the total of a) 3 b) +4 c) -2?"
+    assert p.solution == "b) 3+4=7. c) 7-2=5.\nAnswer: 5"
+    assert Problem((3, 4, -2), "plain").solution == "3+4=7. 7-2=5.\nAnswer: 5"
+    assert Problem((3, 4, -2), "plain").text == "What is 3+4-2?"
     with pytest.raises(ValueError, match="style"):
         TaskConfig(style="essay")
+    with pytest.raises(ValueError, match="at most 26"):
+        TaskConfig(max_terms=27)
+
+
+def _steps_with_totals(p: Problem):
+    total = p.terms[0]
+    for t in p.terms[1:]:
+        yield t, total
+        total += t
+
+
+def test_sign_is_not_predictable_from_the_total():
+    """Whenever the total is positive, "-" is drawn with p_minus whatever its size."""
+    ps = generate_splits(TaskConfig(), {"train": 3000}, seed=1)["train"]
+    small = [t < 0 for p in ps for t, tot in _steps_with_totals(p) if 0 < tot <= 3]
+    large = [t < 0 for p in ps for t, tot in _steps_with_totals(p) if tot >= 10]
+    assert abs(sum(small) / len(small) - 0.5) < 0.05
+    assert abs(sum(large) / len(large) - 0.5) < 0.05
+
+
+def _parsed_steps(solution: str) -> list[tuple[int, int, int]]:
+    body = solution.rsplit("\n", 1)[0]
+    steps = re.findall(r"([a-z])\) (\d+)([+-])(\d+)=(\d+)\.", body)
+    return [(int(a), (1 if o == "+" else -1) * int(b), int(c)) for _, a, o, b, c in steps]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_slipped_solutions(splits, rate):
+    rng = random.Random(0)
+    n_steps = n_wrong = 0
+    for p in splits["train"][:400]:
+        slips = draw_slips(p.terms, rng, rate)
+        s = worked_solution(p.terms, "lettered", slips)
+        steps = _parsed_steps(s)
+        assert [t for _, t, _ in steps] == list(p.terms[1:])  # the terms are never changed
+        assert steps[0][0] == p.terms[0]
+        for (_, _, c_prev), (a_next, _, _) in zip(steps, steps[1:], strict=False):
+            assert c_prev == a_next  # a wrong total is carried on
+        wrong = {k: c - (a + t) for k, (a, t, c) in enumerate(steps) if a + t != c}
+        assert wrong == slips
+        assert all(d in (-2, -1, 1, 2) for d in wrong.values())
+        assert all(c >= 0 for _, _, c in steps)
+        assert s.endswith(f"Answer: {steps[-1][2]}")
+        assert dapo_correct(s, str(p.answer)) == (sum(slips.values()) == 0)
+        n_steps += len(steps)
+        n_wrong += len(wrong)
+    if rate == 1.0:
+        # a step only escapes when every delta would push a later total below zero
+        assert n_wrong > 0.95 * n_steps
+    else:
+        assert abs(n_wrong / n_steps - rate) < 0.03
+    assert draw_slips((3, 4, 5), random.Random(1), 0.5) == draw_slips(
+        (3, 4, 5), random.Random(1), 0.5
+    )
+    with pytest.raises(ValueError, match="step_rate"):
+        draw_slips((3, 4), rng, 1.5)
+
+
+def test_worked_solution_with_a_slip_hand_checked():
+    assert worked_solution((3, 4, -2), slips={0: 1}) == "b) 3+4=8. c) 8-2=6.\nAnswer: 6"
+    assert worked_solution((3, 4, -2), slips={1: -2}) == "b) 3+4=7. c) 7-2=3.\nAnswer: 3"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from cppo.toy.task import read_jsonl, write_data
 from cppo.toy.tokenizer import build_from_data
 from cppo.toy.warm_start import (
     IGNORE,
+    add_slips,
     collate,
     common_prefix_length,
     encode_examples,
@@ -24,6 +26,7 @@ from cppo.toy.warm_start import (
     sft,
     warm_start,
 )
+from evaluation.dapo import dapo_correct
 
 TINY = {
     "architecture": "qwen3",
@@ -149,7 +152,7 @@ def test_warm_start_dir_is_reproducible_and_complete(setup):
     warm_start(
         root / "model", root / "data", "base", root / "ws2", seed=3, overrides=ov, progress=False
     )
-    assert rec["settings"]["steps"] == 4
+    assert rec["steps"] == 4 * len(rec["phases"])
     m1 = AutoModelForCausalLM.from_pretrained(str(root / "ws1"))
     m2 = AutoModelForCausalLM.from_pretrained(str(root / "ws2"))
     for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
@@ -188,7 +191,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     ]
     assert cli_main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["flavour"] == "instruct" and out["settings"]["steps"] == 2
+    assert out["flavour"] == "instruct" and all(p["steps"] == 2 for p in out["phases"])
     assert AutoTokenizer.from_pretrained(str(w)).eos_token == "<|im_end|>"
     # clear errors for missing inputs
     assert cli_main(["tokenizer", "--data", str(tmp_path / "nope"), "--out", str(t)]) == 2
@@ -196,3 +199,24 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli_main(["model", "--preset", "toy-s", "--tokenizer", str(d), "--out", str(m)]) == 2
     with pytest.raises(SystemExit):
         cli_main(["model", "--preset", "toy-xl", "--tokenizer", str(t), "--out", str(m)])
+
+
+def test_add_slips(setup):
+    root, _, rows = setup
+    same, n0 = add_slips(rows, 0.0, 0, root / "data")
+    assert same is rows and n0 == 0
+    a, n = add_slips(rows, 0.5, 7, root / "data")
+    b, _ = add_slips(rows, 0.5, 7, root / "data")
+    assert a == b and 0 < n < len(rows)
+    changed = [x for x, r in zip(a, rows, strict=True) if x["solution"] != r["solution"]]
+    assert len(changed) == n
+    for x in changed:  # at least one step's result is off; slips may cancel in the answer
+        steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)\.", x["solution"])
+        assert any(int(a) + int(o + b) != int(c) for a, o, b, c in steps)
+    assert all(
+        dapo_correct(r["solution"], r["reward_model"]["ground_truth"])
+        for r in rows  # the originals are untouched
+    )
+    assert all(x["prompt"] == r["prompt"] for x, r in zip(a, rows, strict=True))
+    with pytest.raises(ValueError, match="terms"):
+        add_slips([{k: v for k, v in rows[0].items() if k != "terms"}], 1.0, 0, root / "data")

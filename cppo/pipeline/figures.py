@@ -261,19 +261,40 @@ def fig_validation(
     return fig
 
 
+# Training panels of the diagnostics figure (Fig. 8-11 first, then what explains them):
+# metric key, title, y label, EMA smoothing (None = the config's figures.smoothing), scale.
+DIAGNOSTIC_PANELS: list[tuple[str, str, str, float | None, float]] = [
+    ("reward/mean", "training reward (EMA)", "reward", None, 1.0),
+    ("length/mean", "mean response length", "tokens", 0.0, 1.0),
+    ("logprob/rel_error", "relative log-prob error", "rollout vs trainer", 0.0, 1.0),
+    ("entropy", "policy entropy (EMA)", "nats / token", None, 1.0),
+    ("mask/fraction", "masked / clipped share (EMA)", "% of terms", None, 100.0),
+    ("divergence/mean", "mean divergence D_t (EMA; TV or KL, per method)", "D_t", None, 1.0),
+]
+
+
 def fig_diagnostics(manifest: dict[str, Any], model: str) -> Figure:
-    """Fig. 8-11 for one model."""
+    """Fig. 8-11 for one model: validation per benchmark, then the training diagnostics.
+
+    A training metric that no run logged is left out rather than drawn as an empty panel
+    (e.g. the relative log-prob error needs a separate rollout engine such as vLLM).
+    """
     methods = list(manifest["methods"])
     benches = list(manifest["validation"]["benchmarks"])
-    ncols = max(len(benches), 3)
-    fig, axes = _grid(2 * ncols, ncols=ncols, nrows=2)
     k = manifest["validation"]["k"]
-    for j in range(ncols):
-        ax = axes[j]
-        if j >= len(benches):
-            ax.set_visible(False)
-            continue
-        b = benches[j]
+    smooth = float(manifest["figures"]["smoothing"])
+    curves = {
+        key: [seed_curves(manifest, model, m, "train", key) for m in methods]
+        for key, *_ in DIAGNOSTIC_PANELS
+    }
+    panels = [p for p in DIAGNOSTIC_PANELS if any(c is not None for c in curves[p[0]])]
+    n = len(benches) + max(1, len(panels))
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = _grid(n, ncols=ncols, nrows=nrows)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax, b in zip(axes, benches, strict=False):
         ok = _plot_method_curves(
             ax, manifest, model, methods, "validation", f"val/{b}", scale=100, marker="o"
         )
@@ -281,27 +302,21 @@ def fig_diagnostics(manifest: dict[str, Any], model: str) -> Figure:
             _no_data(ax, f"val/{b}")
             continue
         _tstop(ax, manifest, model)
-        _style(
+        _style(ax, f"{manifest['benchmarks'][b]['label']} Avg@{k}", "iteration", "accuracy (%)")
+    rest = axes[len(benches) : n]
+    if not panels:
+        _no_data(rest[0], "training metric")
+    for ax, (key, title, ylabel, sm, scale) in zip(rest, panels, strict=False):
+        _plot_method_curves(
             ax,
-            f"{manifest['benchmarks'][b]['label']} Avg@{k}",
-            "iteration",
-            "accuracy (%)" if j == 0 else None,
+            manifest,
+            model,
+            methods,
+            "train",
+            key,
+            scale=scale,
+            smoothing=smooth if sm is None else sm,
         )
-    smooth = float(manifest["figures"]["smoothing"])
-    panels = [
-        ("reward/mean", "training reward (EMA)", "reward", smooth),
-        ("length/mean", "mean response length", "tokens", 0.0),
-        ("logprob/rel_error", "relative log-prob error", "rollout vs trainer", 0.0),
-    ]
-    for j in range(ncols):
-        ax = axes[ncols + j]
-        if j >= len(panels):
-            ax.set_visible(False)
-            continue
-        key, title, ylabel, sm = panels[j]
-        if not _plot_method_curves(ax, manifest, model, methods, "train", key, smoothing=sm):
-            _no_data(ax, key)
-            continue
         _style(ax, title, "iteration", ylabel)
     fig.suptitle(f"{manifest['models'][model]['label']}: training diagnostics", fontsize=11)
     _legend(fig, manifest, methods)

@@ -39,16 +39,21 @@ def model_preset_names() -> list[str]:
     return sorted(_load()["models"])
 
 
-def warm_start_settings(flavour: str, preset: str | None = None) -> dict[str, Any]:
-    """Defaults, then the flavour, then the per-model override for that flavour."""
+def warm_start_phases(
+    flavour: str, preset: str | None = None, overrides: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The SFT phases of a flavour: each is defaults + the phase's keys + the per-model
+    override (`overrides.<preset>.<flavour>`) + the caller's overrides. An override with a
+    "phases" list replaces the flavour's phases."""
     ws = _load()["warm_start"]
     if flavour not in ws["flavours"]:
         raise KeyError(f"unknown flavour {flavour!r}; choose one of {sorted(ws['flavours'])}")
-    out = dict(ws["defaults"])
-    out.update(ws["flavours"][flavour])
-    if preset is not None:
-        out.update((ws.get("overrides") or {}).get(preset, {}).get(flavour, {}))
-    return out
+    fl = ws["flavours"][flavour]
+    phases = fl.get("phases", [fl])
+    extra = dict((ws.get("overrides") or {}).get(preset, {}).get(flavour, {}))
+    extra.update(overrides or {})
+    phases = extra.pop("phases", phases)
+    return [{**ws["defaults"], **p, **extra} for p in phases]
 
 
 def flavour_names() -> list[str]:

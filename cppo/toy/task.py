@@ -1,11 +1,19 @@
 """The toy task: chains of single-digit additions and subtractions with worked solutions.
 
-A problem reads "What is 7+5-3+8-6?"; its worked solution writes every running total,
-"7+5=12. 12-3=9. 9+8=17. 17-6=11.\\nAnswer: 11", so the response grows with the number of
-terms (30-100 tokens at the default difficulty) and each step depends on the previous one.
-Single-digit +/- chains are used because a ~1M-parameter model learns them from a short SFT
-while leaving room for RL; multiplication was measured to be beyond such models.
-The running total never goes negative: a subtraction is only drawn when the total allows it.
+A problem lists lettered terms, "What is the total of a) 7 b) +5 c) -3 d) +8?", and its worked
+solution writes every running total, "b) 7+5=12. c) 12-3=9. d) 9+8=17.\nAnswer: 17", so the
+response grows with the number of terms (~30-100 tokens at the default difficulty) and each
+step depends on the one before it.
+
+Why this shape (measured on a 0.4M-parameter Qwen3, see the package README):
+- single-digit +/- chains with running totals are learnable by tiny models, multiplication
+  is not;
+- the letters make "which term comes next" a content lookup (the next letter, then its value
+  in the problem). With a bare expression ("What is 7+5-3+8?", style "plain") the model has
+  to count terms by position; it learns that too, but after a long, seed-dependent plateau
+  (at 900 SFT steps some seeds sat at 10%, others reached 50-80%), whereas the lettered
+  form reached 80-90% for every seed tried.
+The running total never goes negative.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,22 +32,25 @@ from .presets import data_defaults, task_preset
 
 DATA_SOURCE = "cppo_toy_arith"
 SPLITS = ("train", "val", "test")
-SOLUTION_STYLES = ("rewrite", "running")
+STYLES = ("lettered", "plain")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """Difficulty knob: the number of terms and the largest operand."""
 
-    min_terms: int = 5
-    max_terms: int = 12
+    min_terms: int = 4
+    max_terms: int = 9
     max_operand: int = 9
     p_minus: float = 0.5
-    style: str = "running"  # "running" or "rewrite" (see worked_solution)
+    style: str = "lettered"  # "lettered" or "plain" (see the module docstring)
 
     def __post_init__(self) -> None:
-        if self.style not in SOLUTION_STYLES:
-            raise ValueError(f"style must be one of {SOLUTION_STYLES}, got {self.style!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.style == "lettered" and self.max_terms > len(LETTERS):
+            raise ValueError(f"the lettered style has at most {len(LETTERS)} terms")
         if not 2 <= self.min_terms <= self.max_terms:
             raise ValueError(
                 f"need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}"
@@ -59,7 +70,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class Problem:
     terms: tuple[int, ...]  # signed: the first is positive, then +d or -d
-    style: str = "running"
+    style: str = "lettered"
 
     @property
     def key(self) -> str:
@@ -68,7 +79,11 @@ class Problem:
 
     @property
     def text(self) -> str:
-        return f"What is {expression(self.terms)}?"
+        if self.style == "plain":
+            return f"What is {expression(self.terms)}?"
+        head, *rest = self.terms
+        parts = [f"a) {head}", *(f"{LETTERS[i]}) {t:+d}" for i, t in enumerate(rest, 1))]
+        return f"What is the total of {' '.join(parts)}?"
 
     @property
     def answer(self) -> int:
@@ -81,34 +96,51 @@ class Problem:
 
 def expression(terms: Sequence[int]) -> str:
     head, *rest = terms
-    return str(head) + "".join(f"+{t}" if t >= 0 else f"-{-t}" for t in rest)
+    return str(head) + "".join(f"{t:+d}" for t in rest)
 
 
-def worked_solution(terms: Sequence[int], style: str = "running") -> str:
-    """The worked solution, ending with the DAPO answer line.
+def worked_solution(
+    terms: Sequence[int], style: str = "lettered", slips: Mapping[int, int] | None = None
+) -> str:
+    """One "a+b=c." step per term after the first (prefixed by the term's letter in the
+    lettered style), then the DAPO answer line.
 
-    rewrite: restate the expression, then fold the first two terms per line,
-             "7+5-3\n= 12-3\n= 9\nAnswer: 9" (each line is derived from the line above);
-    running: one "a+b=c." step per term, "7+5=12. 12-3=9.\nAnswer: 9" (each step must find
-             its term in the prompt).
+    slips={k: delta} writes step k's result off by delta and carries the wrong total on to
+    the next step, as someone who slipped and went on from there would (used by the warm
+    start, cppo.toy.warm_start.add_slips).
     """
-    if style == "rewrite":
-        cur = list(terms)
-        lines = [expression(cur)]
-        while len(cur) > 1:
-            cur = [cur[0] + cur[1], *cur[2:]]
-            lines.append("= " + expression(cur))
-        return "\n".join(lines) + f"\nAnswer: {cur[0]}"
-    if style == "running":
-        total = terms[0]
-        steps = []
-        for t in terms[1:]:
-            new = total + t
-            op = f"+{t}" if t >= 0 else f"-{-t}"
-            steps.append(f"{total}{op}={new}.")
-            total = new
-        return " ".join(steps) + f"\nAnswer: {total}"
-    raise ValueError(f"unknown solution style {style!r}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}")
+    slips = slips or {}
+    total = terms[0]
+    steps = []
+    for i, t in enumerate(terms[1:], 1):
+        label = f"{LETTERS[i]}) " if style == "lettered" else ""
+        new = total + t + slips.get(i - 1, 0)
+        steps.append(f"{label}{total}{t:+d}={new}.")
+        total = new
+    return " ".join(steps) + f"\nAnswer: {total}"
+
+
+def draw_slips(terms: Sequence[int], rng: random.Random, step_rate: float) -> dict[int, int]:
+    """Each step independently slips with probability `step_rate` by -2, -1, +1 or +2.
+
+    Deltas that would make a later running total negative are not drawn, so a slipped
+    solution looks like the task's own (totals never go below zero).
+    """
+    if not 0.0 <= step_rate <= 1.0:
+        raise ValueError(f"step_rate must be in [0, 1], got {step_rate}")
+    prefix = [sum(terms[: j + 1]) for j in range(len(terms))]
+    slips: dict[int, int] = {}
+    offset = 0
+    for k in range(len(terms) - 1):
+        if rng.random() >= step_rate:
+            continue
+        lowest = min(prefix[k + 1 :]) + offset
+        deltas = [d for d in (-2, -1, 1, 2) if lowest + d >= 0]
+        slips[k] = rng.choice(deltas)
+        offset += slips[k]
+    return slips
 
 
 def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
@@ -182,6 +214,7 @@ def train_row(p: Problem, uid: str) -> dict[str, Any]:
         "extra_info": {"index": uid},
         "problem": p.text,
         "solution": p.solution,
+        "terms": list(p.terms),
     }
 
 

@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from .models import read_meta, save_model_dir
-from .presets import warm_start_settings
-from .task import read_jsonl
+from .presets import warm_start_phases
+from .task import draw_slips, read_jsonl, worked_solution
 
 IGNORE = -100
 
@@ -194,6 +194,42 @@ def sft(
     return history
 
 
+def add_slips(
+    rows: list[dict[str, Any]], step_rate: float, seed: int, data_dir: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """Rewrite the worked solutions so that each step slips with probability `step_rate`.
+
+    The base flavour uses this: SFT on such solutions teaches the procedure together with a
+    per-step slip probability, so the warm-started policy is right only part of the time, for
+    a reason RL can remove (sharpening every step towards the right total), and the starting
+    accuracy is set by the rate instead of by where a short SFT happens to stop on this task's
+    sharp, seed-dependent learning transition. Returns the rows and how many of them slipped.
+    """
+    if not step_rate:
+        return rows, 0
+    if not 0.0 < step_rate <= 1.0:
+        raise ValueError(f"slip_rate must be in [0, 1], got {step_rate}")
+    meta_path = data_dir / "meta.json"
+    style = (
+        json.loads(meta_path.read_text())["task_config"]["style"]
+        if meta_path.exists()
+        else "lettered"
+    )
+    rng = random.Random(f"slips:{seed}")
+    out, n = [], 0
+    for r in rows:
+        if "terms" not in r:
+            raise ValueError(
+                "train rows carry no 'terms'; regenerate the data with `python -m cppo.toy data`"
+            )
+        slips = draw_slips(r["terms"], rng, step_rate)
+        if slips:
+            r = dict(r, solution=worked_solution(r["terms"], style, slips))
+            n += 1
+        out.append(r)
+    return out, n
+
+
 def warm_start(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -211,27 +247,44 @@ def warm_start(
     if not (data_dir / "train.jsonl").exists():
         raise FileNotFoundError(f"{data_dir / 'train.jsonl'} not found")
     meta = read_meta(model_dir)
-    settings = warm_start_settings(flavour, meta.get("preset"))
-    settings.update(overrides or {})
+    phases = warm_start_phases(flavour, meta.get("preset"), overrides)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    rows = read_jsonl(data_dir / "train.jsonl")
-    n_needed = int(settings["steps"]) * int(settings["batch_size"])
-    # Only tokenise what one pass needs; the data is shuffled on the fly.
-    rows = rows[: max(1, min(len(rows), n_needed))]
-    examples = encode_examples(tokenizer, rows)
+    all_rows = read_jsonl(data_dir / "train.jsonl")
+    history: list[dict[str, float]] = []
+    n_examples = n_slipped = 0
+    offset = 0
     t0 = time.perf_counter()
-    history = sft(
-        model, examples, settings, seed=seed, pad_id=tokenizer.pad_token_id, progress=progress
-    )
+    for i, settings in enumerate(phases):
+        # Each phase reads the next slice of the (already random) train split; only what
+        # one pass needs is tokenised, and it is reshuffled on the fly.
+        n_needed = int(settings["steps"]) * int(settings["batch_size"])
+        take = min(len(all_rows), n_needed)
+        rows = [all_rows[(offset + j) % len(all_rows)] for j in range(take)]
+        offset += take
+        rows, n = add_slips(rows, settings.get("slip_rate", 0.0), seed * 1000 + i, data_dir)
+        examples = encode_examples(tokenizer, rows)
+        n_examples += len(examples)
+        n_slipped += n
+        hist = sft(
+            model,
+            examples,
+            settings,
+            seed=seed * 1000 + i,
+            pad_id=tokenizer.pad_token_id,
+            progress=progress,
+        )
+        history += [{"phase": i, **h} for h in hist]
     seconds = time.perf_counter() - t0
     record = {
         "flavour": flavour,
         "seed": seed,
-        "settings": settings,
+        "phases": phases,
+        "steps": sum(int(p["steps"]) for p in phases),
         "train_seconds": seconds,
         "threads": torch.get_num_threads(),
-        "n_examples": len(examples),
+        "n_examples": n_examples,
+        "n_slipped": n_slipped,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
     }
