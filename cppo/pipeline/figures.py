@@ -51,6 +51,13 @@ def run_metrics(run: dict[str, Any]) -> RunMetrics | None:
     return _metrics(str(Path(run["run_dir"]) / "metrics.jsonl"))
 
 
+def seed_metrics(manifest: dict[str, Any], model: str, method: str) -> list[RunMetrics]:
+    """The metrics of every seed of (model, method) that has any."""
+    runs = _runs(manifest)
+    found = (run_metrics(r) for r in runs if r["model"] == model and r["method"] == method)
+    return [m for m in found if m is not None]
+
+
 def ema(values: list[float], alpha: float) -> list[float]:
     """Exponential moving average s_t = alpha s_{t-1} + (1 - alpha) x_t, started at x_0."""
     out: list[float] = []
@@ -100,12 +107,7 @@ def seed_curves(
     """x (iterations), mean, min, max over seeds of one metric; None when no seed logged it."""
     upi = manifest["models"][model]["updates_per_iter"]
     per_step: dict[int, list[float]] = defaultdict(list)
-    for run in _runs(manifest):
-        if run["model"] != model or run["method"] != method:
-            continue
-        m = run_metrics(run)
-        if m is None:
-            continue
+    for m in seed_metrics(manifest, model, method):
         recs = m.validation if records == "validation" else m.train
         pts = [(int(r["step"]), v) for r in recs if (v := _value(r, key)) is not None]
         if not pts:
@@ -269,7 +271,7 @@ DIAGNOSTIC_PANELS: list[tuple[str, str, str, float | None, float]] = [
     ("logprob/rel_error", "relative log-prob error", "rollout vs trainer", 0.0, 1.0),
     ("entropy", "policy entropy (EMA)", "nats / token", None, 1.0),
     ("mask/fraction", "masked / clipped share (EMA)", "% of terms", None, 100.0),
-    ("divergence/mean", "mean divergence D_t (EMA; TV or KL, per method)", "D_t", None, 1.0),
+    ("divergence/mean", "mean D_t (EMA; TV or KL by rule)", "D_t", None, 1.0),
 ]
 
 
@@ -360,12 +362,7 @@ def deviation_profile(
 ) -> dict[str, list[float]] | None:
     """Per-bin |pi - mu| averaged over training steps and seeds: {'mean': [...], 'top10': [...]}."""
     sums: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for run in _runs(manifest):
-        if run["model"] != model or run["method"] != method:
-            continue
-        m = run_metrics(run)
-        if m is None:
-            continue
+    for m in seed_metrics(manifest, model, method):
         for rec in m.train:
             for key, value in rec.items():
                 match = DEVIATION_RE.match(key)
