@@ -19,6 +19,11 @@ Estimators (what is available at train time):
 
   "extra" refines "replace", so its TV/KL is >= the "replace" value, and both are lower bounds
   of the exact full-vocabulary divergence (coarsening a partition never increases TV or KL).
+* ``k3`` / ``abs_log_ratio``: sampled-token estimators from the log-ratio alone (no top-K):
+  k3 = rho - 1 - log rho with rho = pi(y_t) / mu(y_t), an unbiased per-sample estimate of
+  KL(mu || pi) under y_t ~ mu (Schulman's k3); |log rho| is the magnitude of the log-ratio.
+  These are the detectors of verl's rollout-correction masks (verl PR #4544, TRM's author:
+  ``seq_mean_k3`` for the average criterion, a |log rho| / ``seq_max_k2`` check for the max).
 * ``full_tv`` / ``full_kl``: exact, from two ``[B, T, V]`` logit tensors (tests, small vocab).
 
 Numerics: all arithmetic in float32 at least (bf16/fp16 inputs are upcast), log-probabilities
@@ -45,6 +50,8 @@ __all__ = [
     "SAMPLED_TOKEN_MODES",
     "binary_tv",
     "binary_kl",
+    "k3",
+    "abs_log_ratio",
     "topk_tv",
     "topk_kl",
     "full_tv",
@@ -54,7 +61,7 @@ __all__ = [
 
 # pi's log-probability floor inside KL terms: exp(-50) ~ 2e-22, representable in fp32.
 LOG_PROB_FLOOR = -50.0
-DIVERGENCE_KINDS = ("binary_tv", "binary_kl", "topk_tv", "topk_kl")
+DIVERGENCE_KINDS = ("binary_tv", "binary_kl", "topk_tv", "topk_kl", "k3", "abs_log_ratio")
 SAMPLED_TOKEN_MODES = ("extra", "replace")
 _LN2 = math.log(2.0)
 
@@ -90,7 +97,7 @@ def _kl_terms(lq: Tensor, lp: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Binary partition {y_t, rest}
+# Sampled-token estimators: binary partition {y_t, rest}, k3, |log rho|
 # ---------------------------------------------------------------------------------------------
 
 
@@ -118,6 +125,28 @@ def binary_kl(logp: Tensor, logp_mu: Tensor, response_mask: Tensor | None = None
     lq = _clean_logp(logp_mu, dt)
     kl = _kl_terms(lq, lp) + _kl_terms(_log1mexp(lq), _log1mexp(lp))
     return _finish(kl.clamp(min=0.0), response_mask)
+
+
+def _log_ratio(logp: Tensor, logp_mu: Tensor) -> Tensor:
+    """log pi(y_t) - log mu(y_t) upcast; -inf on both sides (no mass anywhere) gives 0."""
+    dt = _acc_dtype(logp, logp_mu)
+    lr = _clean_logp(logp, dt) - _clean_logp(logp_mu, dt)
+    return torch.nan_to_num(lr, nan=0.0)
+
+
+def k3(logp: Tensor, logp_mu: Tensor, response_mask: Tensor | None = None) -> Tensor:
+    """rho - 1 - log rho with rho = pi(y_t) / mu(y_t): the k3 estimate of KL(mu || pi).
+
+    Non-negative for every token (x - 1 - log x >= 0); the log-ratio is clamped to +-20 before
+    exp, as verl's rollout-correction helper does, so the value stays finite.
+    """
+    lr = _log_ratio(logp, logp_mu).clamp(-20.0, 20.0)
+    return _finish(torch.expm1(lr) - lr, response_mask)
+
+
+def abs_log_ratio(logp: Tensor, logp_mu: Tensor, response_mask: Tensor | None = None) -> Tensor:
+    """|log pi(y_t) - log mu(y_t)| (inf where exactly one side has no mass)."""
+    return _finish(_log_ratio(logp, logp_mu).abs(), response_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +393,13 @@ def full_kl(logits: Tensor, logits_mu: Tensor, response_mask: Tensor | None = No
 # Dispatch by name (what a rule's config asks for)
 # ---------------------------------------------------------------------------------------------
 
-_BINARY: dict[str, Callable[..., Tensor]] = {"binary_tv": binary_tv, "binary_kl": binary_kl}
+# estimators that need only the sampled token's two log-probabilities
+_SAMPLED: dict[str, Callable[..., Tensor]] = {
+    "binary_tv": binary_tv,
+    "binary_kl": binary_kl,
+    "k3": k3,
+    "abs_log_ratio": abs_log_ratio,
+}
 _TOPK: dict[str, Callable[..., Tensor]] = {"topk_tv": topk_tv, "topk_kl": topk_kl}
 
 
@@ -382,8 +417,8 @@ def compute_divergence(
     sampled_token: str = "extra",
 ) -> Tensor:
     """Compute the divergence named ``kind`` (one of DIVERGENCE_KINDS) from what is available."""
-    if kind in _BINARY:
-        return _BINARY[kind](logp, logp_mu, response_mask)
+    if kind in _SAMPLED:
+        return _SAMPLED[kind](logp, logp_mu, response_mask)
     if kind in _TOPK:
         missing = [
             n

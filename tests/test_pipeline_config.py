@@ -12,7 +12,7 @@ from cppo.pipeline.config import ConfigError, load_config, schema_errors, valida
 from cppo.pipeline.plan import Plan, format_cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["toy", "toy-full", "paper", "ablations", "ci"]
+CONFIGS = ["toy", "toy-full", "paper", "ablations", "conventions", "ci"]
 
 
 def toy() -> dict:
@@ -34,7 +34,14 @@ def test_shipped_configs_are_valid(name):
 
 def test_matrix_sizes():
     sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).runs) for n in CONFIGS}
-    assert sizes == {"toy": 7, "toy-full": 84, "paper": 28, "ablations": 10, "ci": 7}
+    assert sizes == {
+        "toy": 7,
+        "toy-full": 84,
+        "paper": 28,
+        "ablations": 10,
+        "conventions": 12,
+        "ci": 7,
+    }
 
 
 def _set(cfg: dict, path: str, value) -> dict:
@@ -166,6 +173,8 @@ def test_run_config_resolution():
     assert cfg["train_data"] == "results/toy/data/toy/train.jsonl"
     assert cfg["method"] == {
         "rule": "cppo",
+        "loss_agg_mode": "token-mean",
+        "horizon": 160,
         "delta": 0.15,
         "delta_b": 0.02,
         "adaptive_delta_b": True,
@@ -280,7 +289,11 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
     cfg["methods"]["plug"] = {"rule": "plugin_cfg_rule", "module": "plugin_rule_cfg"}
     cfg["run"]["methods"] = ["grpo", "plug"]
     plan = Plan(cfg)
-    assert plan.run_config("toy-s-base", "plug", 0)["method"] == {"rule": "plugin_cfg_rule"}
+    assert plan.run_config("toy-s-base", "plug", 0)["method"] == {
+        "rule": "plugin_cfg_rule",
+        "loss_agg_mode": "token-mean",
+        "horizon": 160,
+    }
     assert plan.train_command("plug") == (
         "python -m cppo.pipeline.launch --import plugin_rule_cfg -- cppo.train"
     )

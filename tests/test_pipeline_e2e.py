@@ -156,7 +156,7 @@ def test_add_a_baseline_in_one_file_and_one_config_entry(tmp_path):
     assert sorted(t1.method) == ["grpo", "mine"]
     assert "| My baseline |" in (root / "tables" / "table1.md").read_text()
     cfg = yaml.safe_load((root / "configs/toy-s-base/mine/seed0.yaml").read_text())
-    assert cfg["method"] == {"rule": "my_baseline"}
+    assert cfg["method"] == {"rule": "my_baseline", "loss_agg_mode": "token-mean", "horizon": 48}
 
 
 # --- the real packages -------------------------------------------------------------------------

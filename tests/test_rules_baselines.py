@@ -317,11 +317,11 @@ def test_minpro_prefix_minimum_is_over_earlier_tokens_only():
 
 
 @pytest.mark.parametrize("name", ["grpo", "dppo", "cppo", "trm_max"])
-def test_is_cap_turns_gradient_coefficient_into_min_rho_c(name):
+def test_ratio_cap_turns_gradient_coefficient_into_min_rho_c(name):
     cap = 1.1
     for seed in range(10):
         batch = make_batch(seed, spread=0.5)
-        cfg = {"is_cap": cap}
+        cfg = {"ratio_cap": cap}
         if name == "trm_max":
             cfg["delta"] = 10.0
         if name == "grpo":

@@ -131,6 +131,9 @@ def _reference(ref: dict, params: dict, soft: bool, ranks=None):
 def _check_against_reference(rng: random.Random, dtype, **case_kw) -> None:
     D, lr, A, mask, ref = random_case(rng, dtype=dtype, **case_kw)
     params = random_params(rng)
+    # position horizon: each response's length, or a padded T >= every length (verl PR #6731)
+    T = D.shape[1]
+    params["horizon"] = rng.choice([None, None, T, T + rng.randint(1, 3 * T)])
     soft = rng.random() < 0.3
     seed = rng.randrange(1000) if rng.random() < 0.3 else None
     gate = cppo_gate(D, lr, A, mask, soft=soft, shuffle_seed=seed, **params)
@@ -561,4 +564,5 @@ def test_rule_defaults_follow_the_paper():
     assert (d["delta"], d["delta_b"], d["w_min"]) == (0.15, 0.02, 0.8)
     assert d["adaptive_delta_b"] is True and d["gate"] == "hard"
     assert (d["divergence"], d["topk"], d["sampled_token"]) == ("topk_tv", 20, "extra")
-    assert d["is_cap"] is None and d["loss_agg_mode"] == "token-mean"
+    assert d["ratio_cap"] is None and d["loss_agg_mode"] == "token-mean"
+    assert d["position_horizon"] == "response" and d["delta_b_max_factor"] == 2.0

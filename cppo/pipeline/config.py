@@ -39,6 +39,9 @@ SCHEDULE_KEYS = (
 SCHEDULE_DEFAULTS = {"learning_rate": 1e-6, "warmup_steps": 0, "temperature": 1.0}
 TRAINING_DEFAULTS: dict[str, Any] = {
     "anchor": "rollout",
+    "loss_agg_mode": "token-mean",
+    "scale_rewards": "group",
+    "cast_lm_head_to_fp32": False,
     "divergence": {"kind": "topk_tv", "topk": 20},
     "backend": "transformers",
     "bf16": False,

@@ -204,10 +204,15 @@ class Plan:
 
     # --- methods ------------------------------------------------------------------------------
     def method_params(self, model: str, method: str) -> dict[str, Any]:
-        """Rule params for this model: method params, then from_model keys, then the model's
+        """Rule params for this model: the training block's loss aggregation and the horizon
+        (max_completion_length), the method params, then from_model keys, then the model's
         overrides; a method-level `divergence` becomes the rule's divergence/topk params."""
         entry = self.cfg["methods"][method]
-        params = dict(entry["params"])
+        params = {
+            "loss_agg_mode": model_training(self.cfg, model)["loss_agg_mode"],
+            "horizon": self.schedule(model)["max_completion_length"],
+            **entry["params"],
+        }
         trust = self.cfg["models"][model]["trust_region"]
         for key in entry["from_model"]:
             params[key] = trust[key]
@@ -399,6 +404,8 @@ class Plan:
             "max_new_tokens": val["max_new_tokens"] or sched["max_completion_length"],
             "batch_size": val["batch_size"],
         }
+        cfg["rl"] = {"scale_rewards": training["scale_rewards"]}
+        cfg["cast_lm_head_to_fp32"] = training["cast_lm_head_to_fp32"]
         cfg["backend"] = training["backend"]
         cfg["bf16"] = training["bf16"]
         cfg["use_cpu"] = training["use_cpu"]

@@ -13,11 +13,14 @@ Conventions (all rules):
   (A < 0 and log_ratio < 0)`` - the same sign test without exp rounding or 0 * inf.
   Inward terms (A_t (rho_t - 1) <= 0, including A_t = 0 and rho_t = 1) are never masked by the
   token-level mask rules.
-* Truncated IS cap (``is_cap`` = C, off by default as in the official CPPO code): each kept
-  term is multiplied by the stop-gradient factor min(1, C / rho_t), so its gradient
-  coefficient is min(rho_t, C) A_t instead of rho_t A_t. A TIS correction for a
-  rollout/trainer mismatch under a recomputed anchor can instead be folded into per-token
-  ``advantages`` (a positive per-token factor leaves every mask decision unchanged).
+* Truncated importance ratio (``ratio_cap`` = C; off by default as in UniRL's CPPO, the
+  official code of the paper; verl PR #6731's CPPO uses C = 20 through ``clip_ratio_c``): each
+  kept term is multiplied by the stop-gradient factor min(1, C / rho_t), so its gradient
+  coefficient is min(rho_t, C) A_t instead of rho_t A_t. That is exactly the gradient of
+  verl's form -A_t sg(min(rho_t, C)) log pi(y_t); only the logged loss value differs. A TIS
+  correction for a rollout/trainer mismatch under a recomputed anchor can instead be folded
+  into per-token ``advantages`` (a positive per-token factor leaves every mask decision
+  unchanged).
 * Mask-rule surrogate: per-token loss = -weight_t * rho_t * A_t with the gradient flowing
   through rho_t and ``weight`` (0/1 mask or soft gate) detached.
 """
@@ -35,7 +38,7 @@ __all__ = [
     "compute_dtype",
     "outward_mask",
     "ratio_from_log_ratio",
-    "is_cap_factor",
+    "ratio_cap_factor",
     "masked_surrogate_loss",
     "masked_mean",
     "base_metrics",
@@ -168,7 +171,7 @@ def ratio_from_log_ratio(log_ratio: Tensor, clamp: float | None) -> Tensor:
     return torch.exp(log_ratio)
 
 
-def is_cap_factor(ratio: Tensor, cap: float | None) -> Tensor | None:
+def ratio_cap_factor(ratio: Tensor, cap: float | None) -> Tensor | None:
     """Stop-gradient factor min(1, C / rho) turning the coefficient rho into min(rho, C)."""
     if cap is None:
         return None
@@ -179,9 +182,9 @@ def is_cap_factor(ratio: Tensor, cap: float | None) -> Tensor | None:
 def masked_surrogate_loss(
     ratio: Tensor, advantages: Tensor, weight: Tensor, mask: Tensor, cap: float | None
 ) -> Tensor:
-    """-weight * rho * A (gradient through rho only), optional IS cap, zero on padding."""
+    """-weight * rho * A (gradient through rho only), optional ratio cap, zero on padding."""
     w = weight.detach().to(ratio.dtype)
-    f = is_cap_factor(ratio, cap)
+    f = ratio_cap_factor(ratio, cap)
     if f is not None:
         w = w * f
     loss = -(w * ratio * advantages)

@@ -3,6 +3,11 @@
 For one response of length T (positions t = 1..T over its real tokens):
 
 * position weight  w_t = 1 - (1 - w_min) (t - 1) / (T - 1)   (w_1 = 1; T = 1 gives w_1 = 1)
+  where T is the response's own length (``position_horizon: response``, the paper's Eq. 9 and
+  UniRL's ``unirl/algorithms/cppo.py``, the default) or the padded response width
+  (``position_horizon: padded``, verl PR #6731: "keys the schedule on the fixed padded length";
+  T = the rule's ``horizon``, which the trainer sets to max_completion_length, else the
+  tensor's width). With the padded horizon a short response only sees weights near 1.
 * Z_t = w_t D_t,  S_t = sum_{j<=t} Z_j,  W_t = sum_{j<=t} w_j,  S_0 = W_0 = 0
 * effective threshold  c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})
 * keep the term iff it is inward (A_t (rho_t - 1) <= 0) or Z_t <= c_t.
@@ -16,7 +21,8 @@ All mask arithmetic runs in float64 whatever the input dtype, in the same operat
 the plain-Python transcription in :mod:`cppo.rules.reference`, so both agree bit for bit.
 
 Adaptive delta_b (per response): delta_b_eff = clamp(P_q(D_1..D_T), delta_b, f delta_b) with
-q = 0.9 and f = 2 by default. P_q is the *linear* quantile of the response's real-token D
+q = 0.9 and f = ``delta_b_max_factor`` = 2 by default (UniRL and the paper; verl PR #6731
+raised it to 5 in its commit "tune hyperparameter"). P_q is the *linear* quantile of the response's real-token D
 values, the default of ``torch.quantile`` (and of the official code, which calls it per
 response): sort ascending v_0 <= ... <= v_{n-1}, pos = q (n - 1), lo = floor(pos),
 hi = ceil(pos), P = v_lo + (pos - lo) (v_hi - v_lo). It is computed for all responses at once
@@ -54,7 +60,7 @@ from cppo.rules.base import (
     masked_surrogate_loss,
     ratio_from_log_ratio,
 )
-from cppo.rules.registry import Param, RuleConfigError, register_rule
+from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
 __all__ = [
     "CPPOGate",
@@ -62,7 +68,6 @@ __all__ = [
     "cppo_mask",
     "cppo_soft_weight",
     "masked_quantile",
-    "position_ranks",
     "shuffled_ranks",
     "cppo_rule",
 ]
@@ -106,11 +111,6 @@ def masked_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
     return torch.where(n > 0, res, out)
 
 
-def position_ranks(response_mask: Tensor) -> Tensor:
-    """0-based position of each real token among its response's real tokens (t - 1)."""
-    return torch.cumsum(response_mask.long(), dim=-1) - 1
-
-
 def shuffled_ranks(response_mask: Tensor, seed: int) -> Tensor:
     """A seeded random permutation of 0..n_b-1 over the real tokens of each response.
 
@@ -147,12 +147,6 @@ class CPPOGate:
     delta_b_eff: Tensor
 
 
-def _as_2d(advantages: Tensor, like: Tensor) -> Tensor:
-    if advantages.dim() == 1:
-        return advantages.unsqueeze(-1).expand(like.shape)
-    return advantages
-
-
 def cppo_gate(
     divergence: Tensor,
     log_ratio: Tensor,
@@ -169,12 +163,15 @@ def cppo_gate(
     shuffle_seed: int | None = None,
     delta_b_quantile: float = 0.9,
     delta_b_max_factor: float = 2.0,
+    horizon: int | None = None,
 ) -> CPPOGate:
     """Vectorised Algorithm 1 (hard mask or soft gate) with all diagnostics.
 
     ``delta_b`` may be a float or a ``[B]`` tensor (per-response budget; with
     ``adaptive_delta_b`` it is the lower clamp of each response's quantile).
     ``shuffle_seed`` not None permutes the position weights within each response.
+    ``horizon`` not None is the T of the position weights for every response (the padded
+    convention); None uses each response's own length.
     """
     return _cppo_core(
         divergence,
@@ -191,6 +188,7 @@ def cppo_gate(
         shuffle_seed=shuffle_seed,
         delta_b_quantile=delta_b_quantile,
         delta_b_max_factor=delta_b_max_factor,
+        horizon=horizon,
         diagnostics=True,
     )
 
@@ -211,6 +209,7 @@ def _cppo_core(
     shuffle_seed: int | None,
     delta_b_quantile: float,
     delta_b_max_factor: float,
+    horizon: int | None,
     diagnostics: bool,
 ) -> CPPOGate:
     # Written with in-place ops on few float64 buffers: at B=64, T=8192 every extra
@@ -230,6 +229,10 @@ def _cppo_core(
         dev = m.device
         pad = ~m
         n = m.sum(-1, dtype=torch.int32).long()
+        if horizon is not None and B and int(n.max()) > horizon:
+            raise ValueError(
+                f"position horizon {horizon} is shorter than a response ({int(n.max())} tokens)"
+            )
 
         # outward test needs signs only: no cast of the log-ratio or advantages
         lr = log_ratio.detach()
@@ -256,7 +259,8 @@ def _cppo_core(
                 w = torch.cumsum(m, dim=-1, dtype=_DT).sub_(1.0)  # t - 1
             else:
                 w = shuffled_ranks(m, shuffle_seed).to(_DT)
-            denom = (n - 1).clamp_(min=1).to(_DT).unsqueeze(-1)
+            length = n if horizon is None else torch.full_like(n, horizon)
+            denom = (length - 1).clamp_(min=1).to(_DT).unsqueeze(-1)
             # 1 - (1 - w_min) (t - 1) / (T - 1), in the reference's operation order
             w.mul_(1.0 - w_min).div_(denom).neg_().add_(1.0).masked_fill_(pad, 0.0)
         else:
@@ -326,6 +330,7 @@ def cppo_mask(
     shuffle_seed: int | None = None,
     delta_b_quantile: float = 0.9,
     delta_b_max_factor: float = 2.0,
+    horizon: int | None = None,
 ) -> Tensor:
     """CPPO hard keep-mask, BoolTensor ``[B, T]`` (True = term kept; padding False).
 
@@ -339,6 +344,7 @@ def cppo_mask(
         position_weight / prefix_budget: ablation switches (False = "w/o ...").
         shuffle_seed: if given, the "shuffled weights" ablation with this seed.
         delta_b_quantile / delta_b_max_factor: the 0.9 and 2 of the adaptive rule.
+        horizon: T of the position weights (padded convention); None = each response's length.
     """
     return _cppo_core(
         divergence,
@@ -355,6 +361,7 @@ def cppo_mask(
         shuffle_seed=shuffle_seed,
         delta_b_quantile=delta_b_quantile,
         delta_b_max_factor=delta_b_max_factor,
+        horizon=horizon,
         diagnostics=False,
     ).keep
 
@@ -392,10 +399,11 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         "delta_b_quantile": Param(0.9, float, check=lambda x: 0 <= x <= 1, requirement="[0, 1]"),
         "delta_b_max_factor": Param(2.0, float),
         "position_weight": Param(True, bool),
+        "position_horizon": Param("response", str, choices=("response", "padded")),
         "prefix_budget": Param(True, bool),
         "shuffle_weights": Param(False, bool),
         "gate": Param("hard", str, choices=("hard", "soft")),
-        "is_cap": Param(None, float, optional=True, check=lambda x: x > 0, requirement="> 0"),
+        "ratio_cap": RATIO_CAP,
     },
     check=_check_cfg,
 )
@@ -403,7 +411,9 @@ def cppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """CPPO: masked ratio-advantage surrogate -keep_t rho_t A_t (or soft-gated weights).
 
     Defaults: delta 0.15, delta_b 0.02 adaptive (the Base-model setting of Table 3; the
-    instruct 1.7B run used a fixed 0.015), w_min 0.8, Top-K TV with K = 20, hard mask.
+    instruct 1.7B run used a fixed 0.015), w_min 0.8, Top-K TV with K = 20, hard mask,
+    position horizon = the response's length, clamp factor 2, no ratio cap (UniRL's
+    conventions; verl PR #6731: padded horizon, factor 5, ratio cap 20, Binary TV).
     Shuffled weights use ``batch.seed``: vary it per step.
     """
     mask = batch.mask
@@ -425,9 +435,10 @@ def cppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
         shuffle_seed=batch.seed if cfg["shuffle_weights"] else None,
         delta_b_quantile=cfg["delta_b_quantile"],
         delta_b_max_factor=cfg["delta_b_max_factor"],
+        horizon=(cfg["horizon"] or mask.shape[-1]) if cfg["position_horizon"] == "padded" else None,
     )
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
-    loss = masked_surrogate_loss(ratio, adv, gate.weight, mask, cfg["is_cap"])
+    loss = masked_surrogate_loss(ratio, adv, gate.weight, mask, cfg["ratio_cap"])
 
     metrics = base_metrics(mask, ratio, None, div, gate.outward)
     reduced = gate.token_violation | gate.prefix_violation

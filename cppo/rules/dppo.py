@@ -19,7 +19,7 @@ from cppo.rules.base import (
     outward_mask,
     ratio_from_log_ratio,
 )
-from cppo.rules.registry import Param, register_rule
+from cppo.rules.registry import RATIO_CAP, Param, register_rule
 
 __all__ = ["dppo_mask", "dppo_rule"]
 
@@ -52,7 +52,7 @@ def dppo_mask(
     divergence="topk_tv",
     params={
         "delta": Param(0.15, float, check=lambda x: x > 0, requirement="> 0"),
-        "is_cap": Param(None, float, optional=True, check=lambda x: x > 0, requirement="> 0"),
+        "ratio_cap": RATIO_CAP,
     },
 )
 def dppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
@@ -64,6 +64,6 @@ def dppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     keep = dppo_mask(div, lr, adv, mask, delta=cfg["delta"])
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     weight = keep.to(ratio.dtype)
-    loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["is_cap"])
+    loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["ratio_cap"])
     metrics = base_metrics(mask, ratio, keep, div, outward_mask(lr.detach(), adv) & mask)
     return RuleOutput(per_token_loss=loss, keep=keep, weight=weight, metrics=metrics)

@@ -23,12 +23,12 @@ from cppo.rules.base import (
     RuleBatch,
     RuleOutput,
     base_metrics,
-    is_cap_factor,
     masked_mean,
     outward_mask,
+    ratio_cap_factor,
     ratio_from_log_ratio,
 )
-from cppo.rules.registry import Param, RuleConfigError, register_rule
+from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
 __all__ = ["grpo_keep", "grpo_rule"]
 
@@ -66,7 +66,7 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         "eps_low": Param(0.2, float, check=lambda x: 0 <= x < 1, requirement="0 <= eps_low < 1"),
         "eps_high": Param(0.28, float, check=lambda x: x >= 0, requirement=">= 0"),
         "dual_clip": Param(3.0, float, optional=True),
-        "is_cap": Param(None, float, optional=True, check=lambda x: x > 0, requirement="> 0"),
+        "ratio_cap": RATIO_CAP,
     },
     check=_check_cfg,
 )
@@ -81,7 +81,7 @@ def grpo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     c = cfg["dual_clip"]
     if c is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * c), loss)
-    f = is_cap_factor(ratio, cfg["is_cap"])
+    f = ratio_cap_factor(ratio, cfg["ratio_cap"])
     if f is not None:
         loss = loss * f
     loss = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))

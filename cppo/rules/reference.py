@@ -40,14 +40,21 @@ def linear_quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + frac * (v[hi] - v[lo])
 
 
-def position_weights(length: int, w_min: float, ranks: Sequence[int] | None = None) -> list[float]:
-    """w_t = 1 - (1 - w_min)(t - 1)/(T - 1) for t = 1..T; with ``ranks`` the (0-based)
-    position used for token j is ranks[j] (the shuffled-weights ablation)."""
+def position_weights(
+    length: int,
+    w_min: float,
+    ranks: Sequence[int] | None = None,
+    horizon: int | None = None,
+) -> list[float]:
+    """w_t = 1 - (1 - w_min)(t - 1)/(T - 1) for t = 1..length, T = ``horizon`` (the padded
+    convention) or the response's own length; with ``ranks`` the (0-based) position used
+    for token j is ranks[j] (the shuffled-weights ablation)."""
     if ranks is None:
         ranks = list(range(length))
-    if length == 1:
-        return [1.0]
-    return [1.0 - (1.0 - w_min) * r / (length - 1) for r in ranks[:length]]
+    T = length if horizon is None else horizon
+    if T == 1:
+        return [1.0] * length
+    return [1.0 - (1.0 - w_min) * r / (T - 1) for r in ranks[:length]]
 
 
 def cppo_reference(
@@ -65,6 +72,7 @@ def cppo_reference(
     ranks: Sequence[int] | None = None,
     quantile: float = 0.9,
     max_factor: float = 2.0,
+    horizon: int | None = None,
 ) -> tuple[list[float], float, list[str]]:
     """Algorithm 1 for one response (its real tokens only).
 
@@ -75,7 +83,7 @@ def cppo_reference(
     T = len(divergence)
     if T == 0:
         return [], delta_b, []
-    w = position_weights(T, w_min, ranks) if position_weight else [1.0] * T
+    w = position_weights(T, w_min, ranks, horizon) if position_weight else [1.0] * T
     if adaptive_delta_b:
         p = linear_quantile(divergence, quantile)
         db = min(max(p, delta_b), max_factor * delta_b)

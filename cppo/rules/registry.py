@@ -34,6 +34,7 @@ __all__ = [
     "resolve_config",
     "rule_divergence",
     "COMMON_PARAMS",
+    "RATIO_CAP",
     "divergence_params",
 ]
 
@@ -97,6 +98,18 @@ COMMON_PARAMS: dict[str, Param] = {
 }
 
 
+# The truncated importance ratio of the rules whose surrogate is rho * A (see cppo.rules.base):
+# null = off (UniRL's CPPO), 20 = verl PR #6731's CPPO (actor.clip_ratio_c).
+RATIO_CAP = Param(
+    None,
+    float,
+    optional=True,
+    check=_positive,
+    requirement="> 0",
+    help="gradient coefficient min(rho, C) instead of rho; null = off",
+)
+
+
 def divergence_params(kind: str, topk: int = 20) -> dict[str, Param]:
     """Schema of the keys that say which divergence the caller must compute."""
     return {
@@ -131,7 +144,8 @@ class Rule:
         self.__wrapped__ = fn
 
     def defaults(self) -> dict[str, Any]:
-        return {k: p.default for k, p in self.params.items() if k != "rule"}
+        """The resolved default config (derived defaults filled in)."""
+        return self.resolve({})
 
     def resolve(self, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         """Validate ``cfg`` and return it with defaults filled in."""
@@ -196,7 +210,9 @@ def register_rule(
         params: the rule's own parameters (common ones are added).
         divergence: default divergence kind when the rule reads one (adds the divergence keys).
         topk: default K for Top-K divergences.
-        check: cross-parameter validation on the resolved config (raise RuleConfigError).
+        check: cross-parameter validation on the resolved config (raise RuleConfigError); it
+            may also fill, in place, a null default that depends on other keys (TRM's
+            per-estimator thresholds).
         kl_fallback: the rule may read ``RuleBatch.kl`` when ``divergence`` is None.
     """
 

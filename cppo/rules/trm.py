@@ -1,18 +1,29 @@
 """TRM-Max / TRM-Avg (Li et al. 2025): sequence-level trust-region masking.
 
-A response is kept whole iff max_t KL_t <= delta (TRM-Max) or mean_t KL_t <= delta_avg
-(TRM-Avg), over its real tokens; KL_t = KL(mu(.|s_t) || pi(.|s_t)). Kept responses use the
-plain ratio-advantage surrogate -rho_t A_t; rejected ones contribute zero loss but stay in the
-normaliser (their tokens remain in ``response_mask``). Thresholds from the TRM paper:
-delta = 0.05 (Max), delta_avg = 0.001 (Avg). The per-token KL is the rule's ``divergence``
-(default Top-K KL, K = 20, per the CPPO appendix; configurable, e.g. ``topk_tv`` as the
-project page suggests); ``RuleBatch.kl`` is used when ``divergence`` is None.
-``keep_inward: true`` keeps the inward terms of rejected responses (a token-level variant;
-off by default, the appendix drops the whole response).
+A response is kept whole iff max_t D_t <= delta (TRM-Max) or mean_t D_t <= delta_avg
+(TRM-Avg), over its real tokens. Kept responses use the plain ratio-advantage surrogate
+-rho_t A_t; rejected ones contribute zero loss but stay in the normaliser (their tokens remain
+in ``response_mask``). ``keep_inward: true`` keeps the inward terms of rejected responses (a
+token-level variant; off by default, the appendix drops the whole response).
+
+The per-token detector D_t is the rule's ``divergence`` (the estimator), and each estimator
+has its own published threshold, used when ``delta`` / ``delta_avg`` is null:
+
+| criterion | estimator | threshold | source |
+|---|---|---|---|
+| max | ``topk_kl`` (default) | 0.05 | TRM paper, per-token KL(mu || pi) as the CPPO appendix uses it |
+| avg | ``topk_kl`` (default) | 0.001 | TRM paper, same |
+| avg | ``k3`` (rho - 1 - log rho) | 0.01 | verl ``seq_mean_k3`` presets (TRM author's PR #4544) |
+| max | ``abs_log_ratio`` (abs log rho) | sqrt(5) = 2.236 | verl ``seq_max_k2`` = 2.5, i.e. (log rho)^2 / 2 <= 2.5 (verl docs and multi-RS example) |
+
+Other estimators (``topk_tv``, which the CPPO project page names for every divergence mask;
+binary TV / KL; k3 with max) have no published threshold and need an explicit one.
+``RuleBatch.kl`` is used when ``divergence`` is None.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,9 +37,17 @@ from cppo.rules.base import (
     outward_mask,
     ratio_from_log_ratio,
 )
-from cppo.rules.registry import Param, register_rule
+from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
-__all__ = ["trm_sequence_score", "trm_max_rule", "trm_avg_rule"]
+__all__ = ["TRM_THRESHOLDS", "trm_sequence_score", "trm_max_rule", "trm_avg_rule"]
+
+# (rule, estimator) -> published threshold (table in the module docstring)
+TRM_THRESHOLDS: dict[tuple[str, str], float] = {
+    ("trm_max", "topk_kl"): 0.05,
+    ("trm_avg", "topk_kl"): 0.001,
+    ("trm_avg", "k3"): 0.01,
+    ("trm_max", "abs_log_ratio"): math.sqrt(2 * 2.5),
+}
 
 
 def trm_sequence_score(kl: Tensor, response_mask: Tensor, reduce: str) -> Tensor:
@@ -57,7 +76,7 @@ def _trm(batch: RuleBatch, cfg: dict[str, Any], reduce: str, threshold: float) -
         keep = keep | (mask & ~outward)
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     weight = keep.to(ratio.dtype)
-    loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["is_cap"])
+    loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["ratio_cap"])
     metrics = base_metrics(mask, ratio, keep, kl, outward)
     nonempty = mask.any(-1)
     n = int(nonempty.sum())
@@ -68,18 +87,48 @@ def _trm(batch: RuleBatch, cfg: dict[str, Any], reduce: str, threshold: float) -
 
 _COMMON = {
     "keep_inward": Param(False, bool),
-    "is_cap": Param(None, float, optional=True, check=lambda x: x > 0, requirement="> 0"),
+    "ratio_cap": RATIO_CAP,
 }
+
+
+def _threshold_param() -> Param:
+    return Param(
+        None,
+        float,
+        optional=True,
+        check=lambda x: x >= 0,
+        requirement=">= 0",
+        help="null = the estimator's published threshold",
+    )
+
+
+def _fill_threshold(rule: str, key: str):
+    """Check hook: a null threshold becomes the estimator's published one (or an error)."""
+
+    def check(cfg: dict[str, Any]) -> None:
+        if cfg[key] is not None:
+            return
+        published = TRM_THRESHOLDS.get((rule, cfg["divergence"]))
+        if published is None:
+            known = ", ".join(f"{e} {v:g}" for (r, e), v in TRM_THRESHOLDS.items() if r == rule)
+            raise RuleConfigError(
+                f"rule {rule!r}: no published threshold for divergence {cfg['divergence']!r}; "
+                f"set config key {key!r} (published: {known})"
+            )
+        cfg[key] = published
+
+    return check
 
 
 @register_rule(
     "trm_max",
     divergence="topk_kl",
     kl_fallback=True,
-    params={"delta": Param(0.05, float, check=lambda x: x >= 0, requirement=">= 0"), **_COMMON},
+    params={"delta": _threshold_param(), **_COMMON},
+    check=_fill_threshold("trm_max", "delta"),
 )
 def trm_max_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
-    """TRM-Max: keep a response iff max_t KL_t <= delta (0.05)."""
+    """TRM-Max: keep a response iff max_t D_t <= delta (Top-K KL: 0.05)."""
     return _trm(batch, cfg, "max", cfg["delta"])
 
 
@@ -87,11 +136,9 @@ def trm_max_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     "trm_avg",
     divergence="topk_kl",
     kl_fallback=True,
-    params={
-        "delta_avg": Param(0.001, float, check=lambda x: x >= 0, requirement=">= 0"),
-        **_COMMON,
-    },
+    params={"delta_avg": _threshold_param(), **_COMMON},
+    check=_fill_threshold("trm_avg", "delta_avg"),
 )
 def trm_avg_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
-    """TRM-Avg: keep a response iff mean_t KL_t <= delta_avg (0.001)."""
+    """TRM-Avg: keep a response iff mean_t D_t <= delta_avg (Top-K KL: 0.001)."""
     return _trm(batch, cfg, "mean", cfg["delta_avg"])

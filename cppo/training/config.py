@@ -14,6 +14,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from cppo.divergence import DIVERGENCE_KINDS
 from cppo.training.schedule import BatchPlan, plan_batches
 
 
@@ -33,8 +34,9 @@ class CPPOConfig(GRPOConfig):
     divergence_kind: str | None = field(
         default=None,
         metadata={
-            "help": "Diagnostic D for rules that read none (topk_tv | topk_kl | binary_tv | "
-            "binary_kl); must agree with the rule's own when given. None: the rule's / topk_tv."
+            "help": "Diagnostic D for rules that read none (one of cppo.divergence."
+            "DIVERGENCE_KINDS); must agree with the rule's own when given. None: the rule's / "
+            "topk_tv."
         },
     )
     divergence_topk: int | None = field(
@@ -79,7 +81,7 @@ class CPPOConfig(GRPOConfig):
         super().__post_init__()
         if self.method is None or not isinstance(self.method.get("rule"), str):
             raise ValueError("CPPOConfig.method must be a mapping with a 'rule' name")
-        if self.divergence_kind not in (None, "topk_tv", "topk_kl", "binary_tv", "binary_kl"):
+        if self.divergence_kind is not None and self.divergence_kind not in DIVERGENCE_KINDS:
             raise ValueError(f"unknown divergence_kind {self.divergence_kind!r}")
         if self.anchor not in ("rollout", "recomputed"):
             raise ValueError(f"anchor must be 'rollout' or 'recomputed', got {self.anchor!r}")

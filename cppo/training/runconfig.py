@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES
+
 
 class RunConfigError(ValueError):
     """A run.yaml problem; the message names the offending key."""
@@ -78,9 +80,9 @@ SCHEMA: dict[str, Any] = {
     # set the D logged for rules that read none; when given for a rule that reads one, they must
     # agree with it (a mismatch is an error, never a silent override).
     "divergence": {
-        "kind": Key(OPT_STR, None, _choice("topk_tv", "topk_kl", "binary_tv", "binary_kl")),
+        "kind": Key(OPT_STR, None, _choice(*DIVERGENCE_KINDS)),
         "topk": Key(OPT_INT, None, _positive),
-        "sampled_token": Key(OPT_STR, None, _choice("extra", "replace")),
+        "sampled_token": Key(OPT_STR, None, _choice(*SAMPLED_TOKEN_MODES)),
     },
     "anchor": Key(STR, "rollout", _choice("rollout", "recomputed")),
     "schedule": {

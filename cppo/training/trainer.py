@@ -155,7 +155,12 @@ class CPPOTrainer(GRPOTrainer):
             raise TypeError("CPPOTrainer needs a CPPOConfig")
         rule = get_rule(args.method["rule"])
         self._rule = rule
-        self._rule_cfg = rule.resolve({k: v for k, v in args.method.items()})
+        method = dict(args.method)
+        if method.get("horizon") is None:
+            # the padded response width: the constant of seq-mean-token-sum-norm and of CPPO's
+            # padded position horizon
+            method["horizon"] = args.max_completion_length
+        self._rule_cfg = rule.resolve(method)
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
         super().__init__(
@@ -451,7 +456,7 @@ class CPPOTrainer(GRPOTrainer):
                 out.per_token_loss,
                 batch.response_mask,
                 mode,
-                cfg["horizon"] or self.max_completion_length,
+                cfg["horizon"],
                 normalizer=float(norm) / self.accelerator.num_processes,
             )
         else:
