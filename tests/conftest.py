@@ -14,3 +14,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def rule_metric_keys(name: str) -> set[str]:
+    """The diagnostic keys a registered rule reports with its default config."""
+    from cppo.rules import get_rule
+
+    return set(get_rule(name).metric_keys())

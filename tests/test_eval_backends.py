@@ -50,6 +50,16 @@ def test_greedy_matches_a_manual_decoding_loop(tiny):
             assert sample == Sample(text, n_tokens, truncated)
 
 
+def test_length_sorted_batches_return_results_in_prompt_order(tiny):
+    # batches are formed shortest prompt first; the results must still follow the input order
+    model, tok = tiny
+    prompts = [PROMPTS[1], CHAT.format("Hi"), PROMPTS[0], CHAT.format("Two plus two, then three?")]
+    backend = TransformersBackend(model, tok, batch_size=3)
+    got = backend.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=10, seed=0)
+    for prompt, samples in zip(prompts, got, strict=True):
+        assert samples == [Sample(*_greedy_reference(model, tok, prompt, 10))]
+
+
 def test_sampling_shapes_truncation_and_seeds(tiny):
     model, tok = tiny
     backend = TransformersBackend(model, tok, batch_size=16)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from cppo.pipeline import aggregate, figures, report, runs, tables
+from cppo.pipeline import aggregate, figures, report, runs, stats, tables
 from cppo.pipeline.layout import expand_runs
 from cppo.pipeline.plan import Plan
 
@@ -184,21 +185,54 @@ def test_table1_rendering_mean_and_ci_over_seeds(synth):
     # method a: seeds 30, 40, 50 -> mean 40, sd 10, half-width t(0.975, 2) 10 / sqrt(3)
     hw = 4.303 * 10 / math.sqrt(3)
     assert f"| Method A | 40.00 ± {hw:.2f} |" in md
-    # method b: seed 2 collapsed inside the window -> mean of seeds 0 and 1 (50 and 54 %)
-    b0, b1 = (0.6 + 0.4) / 2 * 100, (0.68 + 0.4) / 2 * 100
-    hw_b = 12.706 * statistics.stdev([b0, b1]) / math.sqrt(2)
-    assert f"| Method B | **{(b0 + b1) / 2:.2f} ± {hw_b:.2f} (1 collapsed)** |" in md
+    # method b: seeds 50, 54, 58 %; seed 2 collapsed at step 3 = iteration 1 but keeps its
+    # best within T_stop (reached before the collapse) in the mean
+    b = [(0.6 + 0.08 * s + 0.4) / 2 * 100 for s in range(3)]
+    hw_b = 4.303 * statistics.stdev(b) / math.sqrt(3)
+    assert f"| Method B | {sum(b) / 3:.2f} ± {hw_b:.2f} (1/3 collapse, first it. 1) |" in md
+    # the intervals [15.2, 64.8] and [44.1, 63.9] overlap: nothing is bold
+    assert "**Method" not in md and "| **" not in md
     tex = Path(plan.path("tables", "table1.tex")).read_text()
     assert r"\toprule" in tex and r"40.00 $\pm$" in tex
     assert "<table>" in Path(plan.path("tables", "table1.html")).read_text()
 
 
 def test_seed_stat_against_hand_values():
-    assert tables.seed_stat([1.0]) == (1.0, pytest.approx(math.nan, nan_ok=True))
-    mean, hw = tables.seed_stat([2.0, 4.0, 6.0, 8.0])
+    assert stats.seed_stat([1.0]) == (1.0, pytest.approx(math.nan, nan_ok=True))
+    mean, hw = stats.seed_stat([2.0, 4.0, 6.0, 8.0])
     sd = math.sqrt((3**2 + 1 + 1 + 3**2) / 3)
     assert mean == 5.0 and hw == pytest.approx(3.182 * sd / 2)
-    assert tables.t975(40) == 1.96
+    assert stats.t975(40) == 1.96
+
+
+def test_bold_only_when_intervals_do_not_overlap():
+    S = tables.Stat
+    # 50 ± 2 vs 45 ± 2: [48, 52] above [43, 47] -> the best is singled out
+    assert tables.separated_best({"a": S(50, 2, 3), "b": S(45, 2, 3), "c": S(10, 1, 3)}) == "a"
+    # 50 ± 3 vs 45 ± 2.5: [47, 53] touches [42.5, 47.5] -> inside the noise
+    assert tables.separated_best({"a": S(50, 3, 3), "b": S(45, 2.5, 3)}) is None
+    # one seed: no interval, no ranking
+    nan = math.nan
+    assert tables.separated_best({"a": S(50, nan, 1), "b": S(10, nan, 1)}) is None
+    # a cell whose every seed collapsed is not ranked; the next one is compared instead
+    cells = {"x": S(90, 1, 3, n_collapsed=3, collapse_iter=4), "a": S(50, 1, 3), "b": S(40, 1, 3)}
+    assert tables.separated_best(cells) == "a"
+    assert tables.fmt_cell(cells["x"]) == "90.00 ± 1.00 (3/3 collapse, first it. 4)"
+    assert tables.fmt_cell(S(34.4, nan, 1, 1, 8)) == "34.40 (collapse, it. 8)"
+    assert tables.fmt_cell(S(50, 2, 2, n_seeds=3)) == "50.00 ± 2.00 (n=2)"  # a seed is missing
+
+
+def test_validation_collapse_rule():
+    recs = [{"step": s, "val/mean": v} for s, v in [(0, 0.4), (5, 0.3), (10, 0.19), (15, 0.25)]]
+    # below 0.5 x 0.4 = 0.2 once (step 10), then back above: no collapse with 2 in a row
+    assert runs.validation_collapse_step(recs, 0.5, 2) is None
+    assert runs.validation_collapse_step(recs, 0.5, 1) == 10
+    recs += [{"step": 20, "val/mean": 0.1}, {"step": 25, "val/mean": None}]
+    # 0.1 and a missing value (counts as below) at steps 20, 25: collapse from step 20
+    assert runs.validation_collapse_step(recs, 0.5, 2) == 20
+    assert runs.validation_collapse_step(recs, 0.8, 2) == 5  # below 0.32 from step 5 on
+    assert runs.validation_collapse_step(recs, None, 2) is None
+    assert runs.validation_collapse_step(recs[1:], 0.5, 2) is None  # no step-0 reference
 
 
 def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
@@ -208,7 +242,7 @@ def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
     manifest = plan.manifest()
     frames = aggregate.collect(manifest)
     grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
-    assert grid.rows == [["Method A", "collapse (it. 2)"]]
+    assert grid.rows == [["Method A", "30.00 (collapse, it. 2)"]]
     # a collapse after T_stop (6 steps) does not count
     write_run(Path(plan.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=7))
     frames = aggregate.collect(manifest)
@@ -340,7 +374,10 @@ def test_deviation_profile_and_delta_b_curves(synth):
     assert prof["top10"] == pytest.approx([0.05, 0.10])
     assert figures.deviation_profile(manifest, "m", "a") is None
     xs, mean, lo, hi = figures.seed_curves(manifest, "m", "b", "train", "cppo/delta_b_eff")
-    assert xs[0] == 0.5 and mean[0] == pytest.approx(0.021) and lo[0] == 0.02 and hi[0] == 0.022
+    # delta_b 0.020, 0.021, 0.022 over seeds: band = mean -+ t(0.975, 2) sd / sqrt(3)
+    hw = 4.303 * 0.001 / math.sqrt(3)
+    assert xs[0] == 0.5 and mean[0] == pytest.approx(0.021)
+    assert (lo[0], hi[0]) == (pytest.approx(0.021 - hw), pytest.approx(0.021 + hw))
 
 
 def test_summary_markdown(synth):
@@ -354,7 +391,7 @@ def test_summary_markdown(synth):
     text = out.read_text()
     assert "Table 1" in text and "Table 4" in text
     assert "![fig4_validation](figures/fig4_validation.png)" in text
-    assert "- m / b / seed 2: non-finite training metrics from step 3" in text
+    assert "- m / b / seed 2: collapsed at step 3 (config `collapse`)" in text
 
 
 def test_read_metrics_resume_and_torn_lines(tmp_path):
@@ -404,20 +441,50 @@ def test_select_checkpoints(tmp_path):
         runs.select_checkpoints(tmp_path / "run3", 6, "init")
 
 
-def test_checkpoint_args(tmp_path):
-    from cppo.pipeline.jobs import checkpoint_args
+def test_evaluate_run_evaluates_each_step_once(tmp_path):
+    from cppo.pipeline.jobs import evaluate_run
 
+    # a stand-in evaluation CLI: records its arguments and writes a summary
+    fake = tmp_path / "fake_eval.py"
+    fake.write_text(
+        "import json, sys, pathlib\n"
+        "a = sys.argv[1:]\n"
+        "out = pathlib.Path(a[a.index('--out') + 1]); out.mkdir(parents=True)\n"
+        "(out / 'b.summary.json').write_text(json.dumps({'args': a}))\n"
+        "with open(sys.argv[0] + '.calls', 'a') as fh: fh.write(' '.join(a) + '\\n')\n"
+    )
+    cmd = [sys.executable, str(fake), "--k", "4"]
     sel = tmp_path / "s.json"
     sel.write_text(
         json.dumps(
             {
+                "run_dir": "runs/x",
                 "best": {"step": 0, "path": "Qwen/X", "revision": "abc"},
                 "final": {"step": 8, "path": "runs/x/final"},
             }
         )
     )
-    assert checkpoint_args(sel, "best") == "--model Qwen/X --revision abc"
-    assert checkpoint_args(sel, "final") == "--model runs/x/final"
+    assert evaluate_run(sel, ["best", "final"], tmp_path / "ev", cmd) == 0
+    calls = (tmp_path / "fake_eval.py.calls").read_text().splitlines()
+    assert calls == [
+        f"--k 4 --model Qwen/X --revision abc --model-name runs/x:best --out {tmp_path}/ev/best",
+        f"--k 4 --model runs/x/final --model-name runs/x:final --out {tmp_path}/ev/final",
+    ]
+    # best at the final step: one evaluation, the other checkpoint's outputs are a copy
+    sel.write_text(
+        json.dumps(
+            {
+                "run_dir": "runs/y",
+                "best": {"step": 8, "path": "runs/y/checkpoint-8"},
+                "final": {"step": 8, "path": "runs/y/final"},
+            }
+        )
+    )
+    (tmp_path / "fake_eval.py.calls").unlink()
+    assert evaluate_run(sel, ["best", "final"], tmp_path / "ev2", cmd) == 0
+    assert len((tmp_path / "fake_eval.py.calls").read_text().splitlines()) == 1
+    best = (tmp_path / "ev2/best/b.summary.json").read_text()
+    assert best == (tmp_path / "ev2/final/b.summary.json").read_text()
 
 
 def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
@@ -451,3 +518,46 @@ def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
     assert data["columns"] == aggregate.LONG_COLUMNS and len(data["data"]) == 6
     assert next(files.glob("media/images/figures/fig4_validation_*.png")).stat().st_size > 5000
     assert list(files.glob("media/table/curves/m_table_*.table.json"))
+
+
+def test_stability_and_binding_values_by_hand():
+    val = [
+        {"step": 0, "val/mean": 0.30},
+        {"step": 4, "val/mean": 0.50},
+        {"step": 8, "val/mean": 0.40},
+        {"step": 12, "val/mean": 0.20},
+    ]
+    got = aggregate.stability_values(val, t_stop_steps=8)
+    want = {"start": 30.0, "best": 50.0, "gain": 20.0, "final": 20.0, "last2": 30.0, "net": -10.0}
+    assert got == pytest.approx(want)
+    train = [
+        {"step": 1, "mask/fraction": 0.0, "mask/prefix_fraction": 0.0, "ratio/abs_dev_mean": 0.0},
+        {"step": 2, "mask/fraction": 0.02, "mask/prefix_fraction": 0.01, "ratio/abs_dev_mean": 0.1},
+        {"step": 3, "mask/fraction": 0.04, "mask/prefix_fraction": 0.0, "ratio/abs_dev_mean": 0.2},
+    ]
+    got = aggregate.binding_values(train)
+    # masked: mean of 0, 2, 4 %; prefix share: 1 % of 6 % masked; |rho - 1|: mean 0.1
+    assert got == pytest.approx({"masked": 2.0, "prefix_share": 100 / 6, "abs_dev": 0.1})
+    got = aggregate.binding_values([{"step": 1, "cispo/capped_fraction": 0.5}])
+    assert got == {"capped": 50.0}
+
+
+def test_stability_and_binding_tables(synth):
+    plan, manifest = synth
+    aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    for name in ("stability", "binding"):
+        tables.render(manifest, plan.path("tables"), name)
+    stab = pd.read_csv(plan.path("tables", "stability.csv"))
+    a0 = stab[(stab.method == "a") & (stab.seed == 0)].set_index("metric")["value"]
+    # A_VALS seed 0: start 10 %, best within T_stop 30 % (step 2), final 90 % (step 8)
+    assert a0.to_dict() == pytest.approx(
+        {"start": 10.0, "best": 30.0, "gain": 20.0, "final": 90.0, "last2": 55.0, "net": 80.0}
+    )
+    md = Path(plan.path("tables", "stability.md")).read_text()
+    finals = [90.0, 0.0, 0.0]  # method a's last validations
+    hw = 4.303 * statistics.stdev(finals) / math.sqrt(3)
+    assert f"| {30.0:.2f} ± {hw:.2f} |" in md.split("\n")[4]  # Model M / Method A: final
+    binding = Path(plan.path("tables", "binding.md")).read_text()
+    # every run logs mask/fraction 0.2 and prefix 0.05: 20 % masked, 25 % of it by the budget
+    assert "| Model M | Method A | 20.000 ± 0.000 |" in binding
+    assert "25.000 ± 0.000" in binding

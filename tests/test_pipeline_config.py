@@ -35,10 +35,10 @@ def test_shipped_configs_are_valid(name):
 def test_matrix_sizes():
     sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).runs) for n in CONFIGS}
     assert sizes == {
-        "toy": 7,
-        "toy-full": 84,
+        "toy": 48,
+        "toy-full": 96,
         "paper": 28,
-        "ablations": 10,
+        "ablations": 30,
         "conventions": 12,
         "ci": 7,
     }
@@ -67,35 +67,35 @@ def _del(cfg: dict, path: str) -> dict:
 # (mutation, a substring every message about it must contain: the key path)
 BROKEN = [
     (lambda c: _set(c, "validation.evry", 3), "validation: unknown key 'evry'"),
-    (lambda c: _set(c, "models.toy-s-base.schedule.prompt_per_iter", 16),
-     "models.toy-s-base.schedule: unknown key 'prompt_per_iter' (did you mean 'prompts_per_iter'?)"),
+    (lambda c: _set(c, "models.toy-s-2up.schedule.prompt_per_iter", 16),
+     "models.toy-s-2up.schedule: unknown key 'prompt_per_iter' (did you mean 'prompts_per_iter'?)"),
     (lambda c: _set(c, "validation.k", "sixteen"), "validation.k: expected integer"),
     (lambda c: _set(c, "validation.top_p", 1.5), "validation.top_p"),
     (lambda c: _set(c, "seeds", []), "seeds"),
-    (lambda c: _del(c, "models.toy-s-base.t_stop"), "models.toy-s-base.t_stop: missing required key"),
-    (lambda c: _set(c, "models.toy-s-base.toy.flavour", "chat"), "models.toy-s-base.toy.flavour"),
+    (lambda c: _del(c, "models.toy-s-2up.t_stop"), "models.toy-s-2up.t_stop: missing required key"),
+    (lambda c: _set(c, "models.toy-s-2up.toy.flavour", "chat"), "models.toy-s-2up.toy.flavour"),
     (lambda c: _set(c, "methods.cppo.divergence", {"kind": "tv"}), "methods.cppo.divergence.kind"),
     (lambda c: _set(c, "methods.cppo.color", "red"), "methods.cppo.color"),
     (lambda c: _set(c, "methods.cppo.from_model", ["delta", "eps"]), "methods.cppo.from_model[1]"),
     (lambda c: _set(c, "profile", "toy/../x"), "profile"),
-    (lambda c: _set(c, "models.bad name", c["models"]["toy-s-base"]), "models: invalid name 'bad name'"),
+    (lambda c: _set(c, "models.bad name", c["models"]["toy-s-2up"]), "models: invalid name 'bad name'"),
     (lambda c: _set(c, "run.methods", ["grpo", "cpo"]),
      "run.methods[1]: unknown method 'cpo' (did you mean 'cppo'?)"),
     (lambda c: _set(c, "run.models", ["toy-s"]), "run.models[0]: unknown model 'toy-s'"),
     (lambda c: _set(c, "validation.benchmarks", ["vall"]), "validation.benchmarks[0]: unknown benchmark 'vall'"),
     (lambda c: _set(c, "evaluation.benchmarks", ["aime24"]), "evaluation.benchmarks[0]: unknown benchmark 'aime24'"),
-    (lambda c: _set(c, "models.toy-s-base.schedule.minibatch", 5),
-     "models.toy-s-base.schedule: prompts_per_iter (16) must equal minibatch x updates_per_iter"),
-    (lambda c: _set(c, "models.toy-s-base.t_stop", 99), "models.toy-s-base.t_stop: 99 exceeds"),
+    (lambda c: _set(c, "models.toy-s-2up.schedule.minibatch", 5),
+     "models.toy-s-2up.schedule: prompts_per_iter (16) must equal minibatch x updates_per_iter"),
+    (lambda c: _set(c, "models.toy-s-2up.t_stop", 99), "models.toy-s-2up.t_stop: 99 exceeds"),
     (lambda c: _set(c, "validation.every", 50), "validation.every"),
-    (lambda c: _del(c, "models.toy-s-base.trust_region.w_min"), "models.toy-s-base.trust_region.w_min: missing"),
+    (lambda c: _del(c, "models.toy-s-2up.trust_region.w_min"), "models.toy-s-2up.trust_region.w_min: missing"),
     (lambda c: _set(c, "methods.cppo.params", {"delta": 0.1}), "methods.cppo.params.delta: also listed in from_model"),
     (lambda c: _set(c, "benchmarks.holdout", {"source": "file", "path": "data/other.jsonl"}),
      "benchmarks.holdout.path: file stem 'other'"),
-    (lambda c: _set(c, "models.toy-s-base.training", {"save_every": 3}),
-     "models.toy-s-base.training.save_every: 3 does not divide validation.every"),
-    (lambda c: _set(c, "models.toy-s-base.hub", {"id": "Qwen/Qwen3-1.7B", "revision": "main"}),
-     "models.toy-s-base.hub.revision: 'main' does not match"),
+    (lambda c: _set(c, "models.toy-s-2up.training", {"save_every": 3}),
+     "models.toy-s-2up.training.save_every: 3 does not divide validation.every"),
+    (lambda c: _set(c, "models.toy-s-2up.hub", {"id": "Qwen/Qwen3-1.7B", "revision": "main"}),
+     "models.toy-s-2up.hub.revision: 'main' does not match"),
     (lambda c: _set(c, "data.train", {"source": "file"}), "data.train.path: missing required key"),
     (lambda c: _set(c, "figures", {"ablations": [{"name": "f", "methods": ["cppo_kl"]}]}),
      "figures.ablations[0].methods[0]: method 'cppo_kl' is not in run.methods"),
@@ -112,13 +112,13 @@ def test_rule_params_are_checked_by_the_rule_registry():
     cfg = _set(toy(), "methods.grpo.params", {"eps_lo": 0.2})
     errors = errors_of(cfg)
     assert any(
-        e.startswith("methods.grpo.params (model toy-s-base)") and "eps_lo" in e for e in errors
+        e.startswith("methods.grpo.params (model toy-s-2up)") and "eps_lo" in e for e in errors
     ), errors
     cfg = _set(toy(), "methods.grpo.rule", "grp")
     assert any(e.startswith("methods.grpo.rule") and "grpo" in e for e in errors_of(cfg))
-    cfg = _set(toy(), "models.toy-s-base.method_overrides", {"cppo": {"w_min": 2.0}})
+    cfg = _set(toy(), "models.toy-s-2up.method_overrides", {"cppo": {"w_min": 2.0}})
     errors = errors_of(cfg)
-    assert any("models.toy-s-base.method_overrides.cppo" in e and "w_min" in e for e in errors)
+    assert any("models.toy-s-2up.method_overrides.cppo" in e and "w_min" in e for e in errors)
 
 
 def test_every_error_is_reported_at_once():
@@ -166,15 +166,20 @@ def test_defaults_are_filled():
 
 def test_run_config_resolution():
     plan = Plan(toy())
-    cfg = plan.run_config("toy-s-base", "cppo", 0)
-    assert cfg["run_name"] == "toy-s-base__cppo__s0"
-    assert cfg["output_dir"] == "results/toy/runs/toy-s-base/cppo/seed0"
-    assert cfg["model"] == "results/toy/models/toy-s-base" and "model_revision" not in cfg
+    cfg = plan.run_config("toy-s-2up", "cppo", 0)
+    assert cfg["run_name"] == "toy-s-2up__cppo__s0"
+    assert cfg["output_dir"] == "results/toy/runs/toy-s-2up/cppo/seed0"
+    # both columns start from one shared warm start
+    assert cfg["model"] == "results/toy/models/warm/toy-s-base-s0" and "model_revision" not in cfg
+    assert plan.run_config("toy-s-8up", "cppo", 0)["model"] == cfg["model"]
     assert cfg["train_data"] == "results/toy/data/toy/train.jsonl"
     assert cfg["method"] == {
         "rule": "cppo",
-        "loss_agg_mode": "token-mean",
-        "horizon": 160,
+        "loss_agg_mode": "seq-mean-token-sum-norm",
+        "horizon": 128,
+        "position_horizon": "response",
+        "delta_b_max_factor": 2.0,
+        "ratio_cap": None,
         "delta": 0.15,
         "delta_b": 0.02,
         "adaptive_delta_b": True,
@@ -182,20 +187,24 @@ def test_run_config_resolution():
         "divergence": "topk_tv",
         "topk": 20,
     }
+    assert cfg["rl"] == {"scale_rewards": "none"}
     assert cfg["divergence"] == {"kind": "topk_tv", "topk": 20}
-    # iterations -> optimizer steps: validation every 4 iterations x 2 updates
-    assert cfg["validation"]["every"] == 8 and cfg["save_every"] == 8
+    # iterations -> optimizer steps: validation every 5 iterations x 2 (or 8) updates
+    assert cfg["validation"]["every"] == 10 and cfg["save_every"] == 10
+    assert plan.run_config("toy-s-8up", "cppo", 0)["validation"]["every"] == 40
+    assert plan.run_config("toy-s-8up", "cppo", 0)["method"]["delta"] == 0.20
     assert cfg["validation"]["benchmarks"] == ["results/toy/data/toy/val.jsonl"]
-    assert cfg["validation"]["max_new_tokens"] == cfg["schedule"]["max_completion_length"] == 160
+    assert cfg["validation"]["max_new_tokens"] == cfg["schedule"]["max_completion_length"] == 128
     raw = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
-    assert cfg["schedule"]["iterations"] == raw["models"]["toy-s-base"]["schedule"]["iterations"]
+    assert cfg["schedule"]["iterations"] == raw["models"]["toy-s-2up"]["schedule"]["iterations"]
     assert cfg["threads"] == 1
     # TRM reads KL: run-level divergence follows the rule's (the trainer requires agreement)
-    assert plan.run_config("toy-s-base", "trm_max", 0)["divergence"]["kind"] == "topk_kl"
-    # grpo reads none: run-level divergence is the config's logged one, none in the method
-    grpo = plan.run_config("toy-s-base", "grpo", 0)
-    assert grpo["divergence"] == {"kind": "topk_tv", "topk": 20}
-    assert "divergence" not in grpo["method"]
+    assert plan.run_config("toy-s-2up", "trm_max", 0)["divergence"]["kind"] == "topk_kl"
+    # grpo and none read none: run-level divergence is the config's logged one
+    for method in ("grpo", "none"):
+        run = plan.run_config("toy-s-2up", method, 0)
+        assert run["divergence"] == {"kind": "topk_tv", "topk": 20}
+        assert "divergence" not in run["method"]
 
 
 def test_run_config_is_accepted_by_the_trainer():
@@ -244,10 +253,10 @@ def test_paper_config_matches_table3():
 
 def test_ablation_variants_change_one_thing():
     plan = Plan(load_config(ROOT / "config" / "ablations.yaml"))
-    base = plan.run_config("toy-s-base", "cppo", 0)["method"]
+    base = plan.run_config("toy-s-8up", "cppo", 0)["method"]
 
     def diff(method):
-        m = plan.run_config("toy-s-base", method, 0)["method"]
+        m = plan.run_config("toy-s-8up", method, 0)["method"]
         return {k: m.get(k) for k in set(m) | set(base) if m.get(k) != base.get(k)}
 
     assert diff("cppo_no_position_weight") == {"position_weight": False}
@@ -262,10 +271,10 @@ def test_ablation_variants_change_one_thing():
 
 def test_method_overrides_and_extra_keys():
     cfg = toy()
-    cfg["models"]["toy-s-base"]["method_overrides"] = {"grpo": {"eps_high": 0.3}}
+    cfg["models"]["toy-s-2up"]["method_overrides"] = {"grpo": {"eps_high": 0.3}}
     cfg["training"]["extra"] = {"gradient_checkpointing": True}
     plan = Plan(cfg)
-    run = plan.run_config("toy-s-base", "grpo", 0)
+    run = plan.run_config("toy-s-2up", "grpo", 0)
     assert run["method"]["eps_high"] == 0.3 and run["method"]["eps_low"] == 0.2
     assert run["gradient_checkpointing"] is True
 
@@ -289,10 +298,10 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
     cfg["methods"]["plug"] = {"rule": "plugin_cfg_rule", "module": "plugin_rule_cfg"}
     cfg["run"]["methods"] = ["grpo", "plug"]
     plan = Plan(cfg)
-    assert plan.run_config("toy-s-base", "plug", 0)["method"] == {
+    assert plan.run_config("toy-s-2up", "plug", 0)["method"] == {
         "rule": "plugin_cfg_rule",
-        "loss_agg_mode": "token-mean",
-        "horizon": 160,
+        "loss_agg_mode": "seq-mean-token-sum-norm",
+        "horizon": 128,
     }
     assert plan.train_command("plug") == (
         "python -m cppo.pipeline.launch --import plugin_rule_cfg -- cppo.train"

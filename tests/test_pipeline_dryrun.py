@@ -12,35 +12,35 @@ from pipeline_helpers import ROOT, job_counts, snakemake
 EXPECTED = {
     # config: the job counts that define its matrix
     "toy": {
-        "train": 7,
-        "run_config": 7,
-        "evaluate": 14,
-        "select_checkpoints": 7,
-        "toy_warm_start": 1,
+        "train": 48,
+        "run_config": 48,
+        "evaluate": 48,  # one job per run evaluates its best and final checkpoints
+        "select_checkpoints": 48,
+        "toy_warm_start": 1,  # shared by both columns
         "toy_init_model": 1,
-        "figure": 4,
-        "render_table": 3,
+        "figure": 6,
+        "render_table": 5,
     },
     "toy-full": {
-        "train": 84,
-        "evaluate": 168,
+        "train": 96,
+        "evaluate": 96,
         "toy_warm_start": 4,
         "toy_init_model": 3,
-        "figure": 7,
-        "render_table": 3,
+        "figure": 8,
+        "render_table": 5,
     },
     "paper": {
         "train": 28,
-        "evaluate": 56,
+        "evaluate": 28,
         "hub_prefetch": 4,
         "export_benchmark": 3,
         "dapo_math_17k": 1,
-        "figure": 7,
-        "render_table": 4,
+        "figure": 8,
+        "render_table": 6,
     },
-    "ablations": {"train": 10, "figure": 7, "render_table": 2},
-    "conventions": {"train": 12, "figure": 5, "render_table": 2},
-    "ci": {"train": 7, "evaluate": 7, "figure": 4, "render_table": 3},
+    "ablations": {"train": 30, "figure": 8, "render_table": 4},
+    "conventions": {"train": 12, "figure": 6, "render_table": 4},
+    "ci": {"train": 7, "evaluate": 7, "figure": 5, "render_table": 5},
 }
 
 
@@ -60,14 +60,14 @@ def test_default_config_is_the_toy_one(tmp_path):
     proc = snakemake(tmp_path, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "results/toy/" in proc.stdout and "results/ci/" not in proc.stdout
-    assert job_counts(proc.stdout)["train"] == 7
+    assert job_counts(proc.stdout)["train"] == 48
 
 
 def test_configfile_replaces_the_default(tmp_path):
     # Snakemake would merge --configfile into the default; the Snakefile must not
     proc = snakemake(tmp_path, "-n", configfiles=[ROOT / "config" / "paper.yaml"])
     assert proc.returncode == 0
-    assert "toy-s-base" not in proc.stdout
+    assert "toy-s-2up" not in proc.stdout and "results/toy/" not in proc.stdout
 
 
 def test_paper_dry_run_time(tmp_path):
@@ -88,21 +88,21 @@ def test_lint_is_clean(name, tmp_path):
 
 def test_broken_config_stops_snakemake_naming_the_key(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
-    cfg["models"]["toy-s-base"]["schedule"]["prompt_per_iter"] = 16
+    cfg["models"]["toy-s-2up"]["schedule"]["prompt_per_iter"] = 16
     cfg["methods"]["cppo"]["params"] = {"w_mni": 0.8}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", configfiles=[bad])
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "models.toy-s-base.schedule: unknown key 'prompt_per_iter'" in out
+    assert "models.toy-s-2up.schedule: unknown key 'prompt_per_iter'" in out
     # schema errors are reported first; fix them and the rule's own check names the param
-    del cfg["models"]["toy-s-base"]["schedule"]["prompt_per_iter"]
+    del cfg["models"]["toy-s-2up"]["schedule"]["prompt_per_iter"]
     bad.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", configfiles=[bad])
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "methods.cppo.params (model toy-s-base)" in out and "w_mni" in out
+    assert "methods.cppo.params (model toy-s-2up)" in out and "w_mni" in out
 
 
 def test_slurm_profile_dry_run(tmp_path):

@@ -52,8 +52,11 @@ def test_fake_dag_tables_figures_report(tmp_path):
     assert len(t4) == 7 and set(t4.benchmark) == {"val"}
     post = pd.read_csv(root / "tables" / "posthoc.csv")
     assert len(post) == 7 and set(post.checkpoint) == {"best"} and set(post.benchmark) == {"test"}
+    for name in ("stability", "binding"):
+        assert "| toy-s Base | GRPO (clip-higher) |" in (root / "tables" / f"{name}.md").read_text()
     for name in (
         "fig4_validation",
+        "binding",
         "fig2_position_deviation",
         "fig7_prefix_budget",
         "diagnostics_toy-s-base",
@@ -65,7 +68,7 @@ def test_fake_dag_tables_figures_report(tmp_path):
     # the selected checkpoint was evaluated: the fake evaluator names it in the summary
     sel = json.loads((root / "selection" / "toy-s-base" / "cppo" / "seed0.json").read_text())
     summ = json.loads((root / "eval/toy-s-base/cppo/seed0/best/test.summary.json").read_text())
-    assert summ["model"] == "toy-s-base/cppo/seed0/best"
+    assert summ["model"] == "results/ci/runs/toy-s-base/cppo/seed0:best"
     assert (tmp_path / sel["best"]["path"]).is_dir()
     # nothing is redone on a second invocation
     proc = snakemake(tmp_path, "-n", configfiles=[CI, fakes])

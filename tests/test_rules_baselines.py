@@ -366,3 +366,40 @@ def test_bf16_inputs_run_in_fp32():
         loss = aggregate_loss(out.per_token_loss, b.mask)
         (g,) = torch.autograd.grad(loss, b.logp)
         assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# none: the no-trust-region control
+# ---------------------------------------------------------------------------------------------
+
+
+def test_none_is_the_plain_ratio_advantage_surrogate():
+    for seed in range(5):
+        batch = make_batch(seed, spread=0.8, adv_per_token=seed % 2 == 1)
+        out = get_rule("none")(batch, {})
+        assert torch.equal(out.keep, batch.mask)
+        loss = aggregate_loss(out.per_token_loss, batch.mask)
+        # direct formula: token-mean of -exp(logp - logp_mu) A over real tokens
+        m = batch.mask
+        logp = torch.where(m, batch.logp, torch.zeros((), dtype=torch.float64))
+        direct = torch.where(m, -torch.exp(logp - batch.logp_mu) * batch.advantages_2d(), 0.0)
+        direct = direct.sum() / m.sum()
+        assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
+        g, g_direct = grad_of(loss, batch.logp), grad_of(direct, batch.logp)
+        assert torch.allclose(g, g_direct, rtol=1e-12, atol=1e-300)
+        # ratios far outside any clip still pass gradient
+        rho = torch.exp(batch.log_ratio().detach())
+        assert bool((g[m & ((rho > 2) | (rho < 0.5))] != 0).all())
+
+
+def test_none_by_hand():
+    logp_mu = torch.log(torch.tensor([[0.5, 0.2, 0.1]], dtype=torch.float64))
+    logp = torch.log(torch.tensor([[0.25, 0.6, 0.1]], dtype=torch.float64)).requires_grad_(True)
+    batch = RuleBatch(
+        logp, logp_mu, torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 3).bool()
+    )
+    out = get_rule("none")(batch, {})
+    # rho = [0.5, 3, 1]; loss_t = -2 rho_t; d loss_t / d logp_t = -2 rho_t
+    assert out.per_token_loss[0].tolist() == pytest.approx([-1.0, -6.0, -2.0])
+    (g,) = torch.autograd.grad(out.per_token_loss.sum(), logp)
+    assert g[0].tolist() == pytest.approx([-1.0, -6.0, -2.0])

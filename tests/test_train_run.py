@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import rule_metric_keys
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from cppo.training.diagnostics import TRAIN_KEYS, read_metrics
@@ -219,6 +220,7 @@ def test_cli_end_to_end(assets, tmp_path):
         "step",
         *TRAIN_KEYS,
         *(f"deviation/bin{i}/{s}" for i in range(2) for s in ("mean", "top10")),
+        *rule_metric_keys("cppo"),
     }
     assert (
         yaml.safe_load((run / "config.resolved.yaml").read_text())["run_name"] == "model__cppo__s0"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import rule_metric_keys
 from transformers import AutoTokenizer
 
 from cppo.rules import available_rules
@@ -96,9 +97,10 @@ def test_every_rule_trains(assets, tmp_path, rule):
     for rec in records:
         keys = set(rec) - {"kind", "step"}
         assert set(TRAIN_KEYS) <= keys
+        # beyond the contract: the deviation bins and every diagnostic the rule reports
         assert keys - set(TRAIN_KEYS) == {
             f"deviation/bin{i}/{s}" for i in range(4) for s in ("mean", "top10")
-        }
+        } | (rule_metric_keys(rule) - set(TRAIN_KEYS))
         assert rec["kind"] == "train"
         assert rec["grad_norm"] is not None and math.isfinite(rec["grad_norm"])
         assert -1.0 <= rec["reward/mean"] <= 1.0 and 0.0 <= rec["accuracy"] <= 1.0
@@ -109,6 +111,9 @@ def test_every_rule_trains(assets, tmp_path, rule):
     if rule == "cppo":
         assert records[1]["cppo/delta_b_eff"] is not None
         assert records[1]["mask/token_fraction"] is not None
+    if rule in ("trm_max", "trm_avg"):
+        assert all(0.0 <= r["trm/reject_fraction"] <= 1.0 for r in records)
+        assert records[0]["trm/reject_fraction"] == 0.0  # on-policy: every KL is 0
 
 
 def test_all_masked_leaves_parameters_unchanged(assets, tmp_path):

@@ -28,7 +28,7 @@ rule aggregate:
         summaries=all_eval_summaries(),
         benchmarks=benchmark_files(PLAN.used_benchmarks),
     output:
-        expand("{root}/tables/{name}.csv", root=R, name=AGGREGATE_CSVS),
+        expand("{root}/tables/{name}.csv", root=R, name=PLAN.aggregate_csvs()),
     params:
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:

@@ -61,11 +61,6 @@ def res(step, key):
     return lambda w: PLAN.snakemake_resources(step, w.model)[key]
 
 
-AGGREGATE_CSVS = ["validation_long", "table1", "table4", "posthoc", "run_status"]
-if PLAN.cfg["paper_comparison"]:
-    AGGREGATE_CSVS.append("paper_diff")
-
-
 def format_dapo_args(dapo):
     """Options of `python -m cppo.pipeline dapo` from the data.dapo_math_17k block."""
     from cppo.pipeline.plan import format_cli_args

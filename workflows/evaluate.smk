@@ -1,5 +1,6 @@
 # Post-hoc evaluation: the best in-loop validation checkpoint within [0, T_stop] and the final
-# model of every run, through the evaluation package's CLI.
+# model of every run, through the evaluation package's CLI (one job per run; a checkpoint at
+# the same step as another is evaluated once).
 
 
 rule select_checkpoints:
@@ -26,17 +27,18 @@ rule evaluate:
         benchmarks=benchmark_files(PLAN.cfg["evaluation"]["benchmarks"]),
     output:
         expand(
-            "{root}/eval/{{model}}/{{method}}/seed{{seed}}/{{ckpt}}/{bench}.summary.json",
+            "{root}/eval/{{model}}/{{method}}/seed{{seed}}/{ckpt}/{bench}.summary.json",
             root=R,
+            ckpt=PLAN.eval_checkpoints,
             bench=PLAN.cfg["evaluation"]["benchmarks"],
         ),
     params:
         evaluate=PLAN.command("evaluate"),
-        outdir=lambda w, output: os.path.dirname(output[0]),
-        name=lambda w: f"{w.model}/{w.method}/seed{w.seed}/{w.ckpt}",
+        out_root=lambda w: f"{R}/eval/{w.model}/{w.method}/seed{w.seed}",
+        ckpts=" ".join(PLAN.eval_checkpoints),
         args=lambda w: PLAN.eval_args(w.model),
     log:
-        f"{R}/logs/eval/{{model}}/{{method}}/seed{{seed}}/{{ckpt}}.log",
+        f"{R}/logs/eval/{{model}}/{{method}}/seed{{seed}}.log",
     threads: lambda w: PLAN.threads("evaluate", w.model)
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -45,6 +47,6 @@ rule evaluate:
     conda:
         lambda w: PLAN.env_file(w.model)
     shell:
-        "MODEL_ARGS=$(python -m cppo.pipeline checkpoint-args {input.selection} {wildcards.ckpt})\n"
-        "OMP_NUM_THREADS={threads} {params.evaluate} $MODEL_ARGS --model-name {params.name}"
-        " {params.args} --no-progress --out {params.outdir} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m cppo.pipeline evaluate-run"
+        " --selection {input.selection} --checkpoints {params.ckpts} --out-root {params.out_root}"
+        " -- {params.evaluate} {params.args} --no-progress > {log} 2>&1"

@@ -52,21 +52,23 @@ rule toy_init_model:
 
 rule toy_warm_start:
     input:
-        model=lambda w: PLAN.init_model_dir(PLAN.init_model_name(w.model)),
+        model=lambda w: PLAN.init_model_dir(
+            PLAN.init_model_name(PLAN.warm_starts[w.start]["model"])
+        ),
         train=f"{R}/data/toy/train.jsonl",
         val=f"{R}/data/toy/val.jsonl",
     output:
-        directory(f"{R}/models/{{model}}"),
+        directory(f"{R}/models/warm/{{start}}"),
     wildcard_constraints:
-        model=alternatives(PLAN.toy_models),
+        start=alternatives(PLAN.warm_starts),
     params:
         toy=PLAN.command("toy"),
         data=lambda w, input: os.path.dirname(input.train),
-        flavour=lambda w: PLAN.cfg["models"][w.model]["toy"]["flavour"],
-        seed=lambda w: PLAN.cfg["models"][w.model]["toy"]["seed"],
+        flavour=lambda w: PLAN.warm_starts[w.start]["flavour"],
+        seed=lambda w: PLAN.warm_starts[w.start]["seed"],
         args=PLAN.toy_args("warm_start"),
     log:
-        f"{R}/logs/models/warm_start_{{model}}.log",
+        f"{R}/logs/models/warm_start_{{start}}.log",
     threads: PLAN.threads("warm_start")
     resources:
         **PLAN.snakemake_resources("warm_start"),

@@ -1,6 +1,6 @@
 """Command line of the pipeline steps: `python -m cppo.pipeline <command> ...`.
 
-Commands used by the Snakemake rules: write, train-job, select, checkpoint-args,
+Commands used by the Snakemake rules: write, train-job, select, evaluate-run,
 export-benchmark, dapo, prefetch, aggregate, table, figure, summary, publish.
 For people: validate (check config files) and resolve (print one run's run.yaml).
 """
@@ -64,11 +64,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_checkpoint_args(args: argparse.Namespace) -> int:
-    from cppo.pipeline.jobs import checkpoint_args
+def _cmd_evaluate_run(args: argparse.Namespace) -> int:
+    from cppo.pipeline.jobs import evaluate_run
 
-    print(checkpoint_args(args.selection, args.checkpoint))
-    return 0
+    if not args.command:
+        raise SystemExit("evaluate-run: give the evaluation command after '--'")
+    return evaluate_run(args.selection, args.checkpoints, args.out_root, args.command)
 
 
 def _cmd_export_benchmark(args: argparse.Namespace) -> int:
@@ -192,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_select)
 
-    s = sub.add_parser("checkpoint-args", help="print --model [--revision] of a checkpoint")
-    s.add_argument("selection")
-    s.add_argument("checkpoint", choices=["best", "final"])
-    s.set_defaults(func=_cmd_checkpoint_args)
+    s = sub.add_parser("evaluate-run", help="post-hoc evaluation of a run's checkpoints")
+    s.add_argument("--selection", required=True)
+    s.add_argument("--checkpoints", nargs="+", required=True, choices=["best", "final"])
+    s.add_argument("--out-root", required=True)
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_evaluate_run)
 
     s = sub.add_parser("export-benchmark", help="write an evaluation benchmark to JSONL")
     s.add_argument("--name", required=True)

@@ -10,6 +10,12 @@ posthoc.csv adds a checkpoint column (best / final).
 - table4.csv: per run and benchmark, the value at that best-mean step (Table 4).
 - posthoc.csv: the independent post-hoc evaluation of the selected checkpoints.
 - run_status.csv: per run, last step, number of validations, collapse step, best step.
+- stability.csv: per run, metric (start, best, gain, final, last2, net) and value: the
+  validation mean at step 0, the best within T_stop, best - start, the last validation, the
+  mean of the last two, last - start.
+- binding.csv: per run, metric and value: how much the rule binds, averaged over optimizer
+  steps (masked / clipped share of terms, capped IS weights, CPPO's prefix-budget share of its
+  masks, TRM's rejected responses, in %; mean |rho - 1| and mean D_t).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from cppo.pipeline.runs import (
     VAL_MEAN,
     best_validation,
     collapse_step,
+    is_finite,
     read_metrics,
+    validation_collapse_step,
 )
 
 LONG_COLUMNS = ["model", "method", "seed", "benchmark", "step", "value", "n_samples"]
@@ -41,6 +49,59 @@ STATUS_COLUMNS = [
     "best_value",
     "collapse_step",
 ]
+
+
+METRIC_COLUMNS = ["model", "method", "seed", "metric", "value"]
+
+# binding.csv metric -> the training-record keys it reads (the first one a run logged wins)
+BINDING_KEYS = {
+    "masked": ("mask/fraction",),
+    "capped": ("cispo/capped_fraction", "minpro/clip_fraction"),
+    "rejected": ("trm/reject_fraction",),
+    "abs_dev": ("ratio/abs_dev_mean",),
+    "divergence": ("divergence/mean",),
+}
+PERCENT = {"masked", "capped", "rejected", "prefix_share"}
+
+
+def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dict[str, float]:
+    """start / best / gain / final / last2 / net of one run's validation means, in %."""
+    vals = [(int(r["step"]), r[VAL_MEAN]) for r in validation if is_finite(r.get(VAL_MEAN))]
+    if not vals:
+        return {}
+    out: dict[str, float] = {}
+    start = dict(vals).get(0)
+    best = best_validation(validation, t_stop_steps)
+    out["final"] = _pct(vals[-1][1])
+    out["last2"] = _pct(sum(v for _, v in vals[-2:]) / len(vals[-2:]))
+    if best is not None:
+        out["best"] = _pct(best[VAL_MEAN])
+    if start is not None:
+        out["start"] = _pct(start)
+        out["net"] = out["final"] - out["start"]
+        if "best" in out:
+            out["gain"] = out["best"] - out["start"]
+    return out
+
+
+def binding_values(train: list[dict[str, Any]]) -> dict[str, float]:
+    """Run means over optimizer steps of what the rule masked, capped or rejected."""
+    out: dict[str, float] = {}
+
+    def mean(key: str) -> float | None:
+        xs = [float(r[key]) for r in train if is_finite(r.get(key))]
+        return sum(xs) / len(xs) if xs else None
+
+    for metric, keys in BINDING_KEYS.items():
+        value = next((v for k in keys if (v := mean(k)) is not None), None)
+        if value is not None:
+            out[metric] = value * (100.0 if metric in PERCENT else 1.0)
+    # CPPO: the budget's share of all masked terms over the run (a ratio of sums)
+    prefix = [r for r in train if is_finite(r.get("mask/prefix_fraction"))]
+    masked = sum(float(r["mask/fraction"]) for r in prefix if is_finite(r.get("mask/fraction")))
+    if prefix and masked > 0:
+        out["prefix_share"] = 100.0 * sum(float(r["mask/prefix_fraction"]) for r in prefix) / masked
+    return out
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
@@ -78,6 +139,7 @@ def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
     nonfinite_keys = list(manifest["collapse"]["nonfinite_keys"])
 
     long_rows, t1_rows, t4_rows, status_rows, post_rows = [], [], [], [], []
+    stability_rows, binding_rows = [], []
     for run in expand_runs(manifest):
         key = {"model": run["model"], "method": run["method"], "seed": int(run["seed"])}
         run_dir = Path(run["run_dir"])
@@ -111,8 +173,20 @@ def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
                 )
 
         t_stop = int(manifest["models"][run["model"]]["t_stop_steps"])
+        for metric, value in stability_values(metrics.validation, t_stop).items():
+            stability_rows.append({**key, "metric": metric, "value": value})
+        for metric, value in binding_values(metrics.train).items():
+            binding_rows.append({**key, "metric": metric, "value": value})
         best = best_validation(metrics.validation, t_stop)
-        collapse = collapse_step(metrics.train, nonfinite_keys)
+        steps = [
+            collapse_step(metrics.train, nonfinite_keys),
+            validation_collapse_step(
+                metrics.validation,
+                manifest["collapse"]["val_fraction"],
+                manifest["collapse"]["consecutive"],
+            ),
+        ]
+        collapse = min((s for s in steps if s is not None), default=None)
         status_rows.append(
             {
                 **key,
@@ -163,6 +237,8 @@ def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
         "table4": frame(t4_rows, LONG_COLUMNS),
         "posthoc": frame(post_rows, ["checkpoint", *LONG_COLUMNS]),
         "run_status": frame(status_rows, STATUS_COLUMNS),
+        "stability": frame(stability_rows, METRIC_COLUMNS),
+        "binding": frame(binding_rows, METRIC_COLUMNS),
     }
 
 

@@ -250,7 +250,10 @@ def normalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     c.setdefault("report", {}).setdefault("title", f"CPPO reproduction: {c['profile']}")
     c.setdefault("paper_comparison", False)
-    c.setdefault("collapse", {}).setdefault("nonfinite_keys", ["reward/mean", "grad_norm"])
+    collapse = c.setdefault("collapse", {})
+    collapse.setdefault("nonfinite_keys", ["reward/mean", "grad_norm"])
+    collapse.setdefault("val_fraction", None)
+    collapse.setdefault("consecutive", 2)
     wb = c.setdefault("publish", {}).setdefault("wandb", {})
     wb.setdefault("enabled", False)
     wb.setdefault("project", "cppo-repro")
@@ -329,9 +332,6 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
         if bench["source"] == "toy" and train_src != "toy" and not models_use_toy(c):
             errors.append(f"{path}.source: 'toy' needs the toy data (data.train.source: toy)")
 
-    for name in models:
-        if name in ("init", "tokenizer"):
-            errors.append(f"models.{name}: reserved name (results/<profile>/models/{name} is used)")
     val_every = c["validation"]["every"]
     for name in c["run"]["models"]:
         if name not in models:

@@ -3,12 +3,13 @@
 x axes are in iterations (the paper's "training step" = one rollout batch); the trainer logs
 optimizer steps, divided here by the model's updates per iteration. Each method keeps one colour
 in every figure (the manifest's colour map). With several seeds a line is the mean over seeds
-and the shaded band spans the seeds' min..max.
+and the shaded band its 95% Student-t interval (cppo.pipeline.stats).
 
 - fig4_validation: validation mean Avg@k per model, one line per method, T_stop marked.
 - diagnostics_<model> (Fig. 8-11): per-benchmark validation, training reward (EMA-smoothed),
   mean response length, relative log-prob error between rollout engine and trainer.
 - fig7_prefix_budget: mean effective delta_b and the prefix-budget share of masked tokens.
+- binding: masked / clipped share of terms over training and per method (run mean, 95% CI).
 - fig2_position_deviation: |pi - mu| of the sampled token by relative position bin (mean and
   top-10% tail), beside CPPO's per-token limit delta / w_t.
 - ablation figures (Fig. 5/6): validation mean of the listed methods.
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from cppo.pipeline.layout import expand_runs  # noqa: E402
 from cppo.pipeline.runs import RunMetrics, read_metrics  # noqa: E402
+from cppo.pipeline.stats import seed_stat  # noqa: E402
 
 PANEL_W, PANEL_H = 4.2, 3.0
 DEVIATION_RE = re.compile(r"^deviation/bin(\d+)/(mean|top10)$")
@@ -103,13 +105,23 @@ def seed_curves(
     key: Key,
     scale: float = 1.0,
     smoothing: float = 0.0,
+    per_iteration: bool = False,
+    floor: float | None = None,
 ) -> tuple[list[float], list[float], list[float], list[float]] | None:
-    """x (iterations), mean, min, max over seeds of one metric; None when no seed logged it."""
+    """x (iterations), mean over seeds and its 95% t interval (lo, hi; the mean itself with
+    one seed) of one metric; None when no seed logged it. `per_iteration` first averages each
+    seed's optimizer steps within an iteration (x = 1, 2, ...); `floor` clips the band below
+    (e.g. 0 for shares)."""
     upi = manifest["models"][model]["updates_per_iter"]
     per_step: dict[int, list[float]] = defaultdict(list)
     for m in seed_metrics(manifest, model, method):
         recs = m.validation if records == "validation" else m.train
         pts = [(int(r["step"]), v) for r in recs if (v := _value(r, key)) is not None]
+        if per_iteration:
+            by_iter: dict[int, list[float]] = defaultdict(list)
+            for step, v in pts:
+                by_iter[-(-step // upi) * upi].append(v)
+            pts = [(step, sum(vs) / len(vs)) for step, vs in sorted(by_iter.items())]
         if not pts:
             continue
         ys = [y * scale for _, y in pts]
@@ -122,12 +134,13 @@ def seed_curves(
     steps = sorted(per_step)
     xs = [s / upi for s in steps]
 
-    def finite(vals: list[float]) -> list[float]:
-        return [v for v in vals if math.isfinite(v)] or [math.nan]
-
-    mean = [sum(finite(per_step[s])) / len(finite(per_step[s])) for s in steps]
-    lo = [min(finite(per_step[s])) for s in steps]
-    hi = [max(finite(per_step[s])) for s in steps]
+    mean, lo, hi = [], [], []
+    for s in steps:
+        m, hw = seed_stat([v if math.isfinite(v) else math.nan for v in per_step[s]])
+        hw = 0.0 if math.isnan(hw) else hw
+        mean.append(m)
+        lo.append(m - hw if floor is None else max(floor, m - hw))
+        hi.append(m + hw)
     return xs, mean, lo, hi
 
 
@@ -164,10 +177,11 @@ def _plot_method_curves(
     scale: float = 1.0,
     smoothing: float = 0.0,
     marker: str | None = None,
+    **curve_kw: Any,
 ) -> bool:
     plotted = False
     for meth in methods:
-        cur = seed_curves(manifest, model, meth, records, key, scale, smoothing)
+        cur = seed_curves(manifest, model, meth, records, key, scale, smoothing, **curve_kw)
         if cur is None:
             continue
         xs, mean, lo, hi = cur
@@ -357,6 +371,50 @@ def fig_prefix_budget(manifest: dict[str, Any]) -> Figure:
     return fig
 
 
+def fig_binding(manifest: dict[str, Any]) -> Figure:
+    """How much each rule binds, per model: the masked / clipped share of terms over training
+    (mean over seeds, 95% band), and its run mean per method with the 95% interval over seeds
+    (CISPO's and MinPRO's capped IS weights drawn hatched: they reweight rather than mask)."""
+    from cppo.pipeline.aggregate import binding_values
+
+    models, methods = list(manifest["models"]), list(manifest["methods"])
+    fig, axes = _grid(2 * len(models), ncols=len(models), nrows=2)
+    for c, model in enumerate(models):
+        ax = axes[c]
+        ok = _plot_method_curves(
+            ax, manifest, model, methods, "train", "mask/fraction", scale=100,
+            per_iteration=True, floor=0.0,
+        )  # fmt: skip
+        if not ok:
+            _no_data(ax, "mask/fraction")
+        _style(ax, f"{manifest['models'][model]['label']}: masked / clipped share", "iteration",
+               "% of terms (iteration mean)" if c == 0 else None)  # fmt: skip
+        ax = axes[len(models) + c]
+        for i, meth in enumerate(methods):
+            runs = [binding_values(m.train) for m in seed_metrics(manifest, model, meth)]
+            metric = "capped" if any("capped" in r for r in runs) else "masked"
+            vals = [r[metric] for r in runs if metric in r]
+            if not vals:
+                continue
+            mean, hw = seed_stat(vals)
+            hw = 0.0 if math.isnan(hw) else hw
+            ax.bar(
+                i,
+                mean,
+                yerr=[[min(hw, mean)], [hw]],  # shares are >= 0
+                color=manifest["methods"][meth]["color"],
+                hatch="//" if metric == "capped" else None,
+                edgecolor="white" if metric == "capped" else None,
+                capsize=3,
+            )
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([manifest["methods"][m]["label"] for m in methods], rotation=45,
+                           ha="right", fontsize=8)  # fmt: skip
+        _style(ax, "run mean (hatched: capped IS weight)", None, "% of terms" if c == 0 else None)
+    _legend(fig, manifest, methods)
+    return fig
+
+
 def deviation_profile(
     manifest: dict[str, Any], model: str, method: str
 ) -> dict[str, list[float]] | None:
@@ -459,6 +517,7 @@ def builders(manifest: dict[str, Any]) -> dict[str, Callable[[], Figure]]:
         "fig4_validation": lambda: fig_validation(manifest),
         "fig2_position_deviation": lambda: fig_position_deviation(manifest),
         "fig7_prefix_budget": lambda: fig_prefix_budget(manifest),
+        "binding": lambda: fig_binding(manifest),
     }
     for model in manifest["models"]:
         out[f"diagnostics_{model}"] = lambda model=model: fig_diagnostics(manifest, model)

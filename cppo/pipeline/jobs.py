@@ -130,13 +130,36 @@ def prefetch_model(hub_id: str, revision: str, out: str | Path) -> dict[str, Any
     return info
 
 
-def checkpoint_args(selection: str | Path, which: str) -> str:
-    """`--model PATH [--revision REV]` of a selected checkpoint, for the evaluation CLI."""
+def evaluate_run(
+    selection: str | Path, checkpoints: list[str], out_root: str | Path, command: list[str]
+) -> int:
+    """Post-hoc evaluation of a run's selected checkpoints: `<command> --model PATH
+    [--revision REV] --model-name NAME --out <out_root>/<checkpoint>` for each one.
+
+    A checkpoint at the same step as one already evaluated (best == final when a run peaks at
+    its last validation) holds the same weights: its outputs are copied, not recomputed.
+    """
     data = json.loads(Path(selection).read_text())
-    if which not in ("best", "final"):
-        raise ValueError(f"checkpoint must be best or final, not {which!r}")
-    entry = data[which]
-    args = f"--model {entry['path']}"
-    if entry.get("revision"):
-        args += f" --revision {entry['revision']}"
-    return args
+    out_root = Path(out_root)
+    done: dict[tuple, Path] = {}
+    for ckpt in checkpoints:
+        if ckpt not in ("best", "final"):
+            raise ValueError(f"checkpoint must be best or final, not {ckpt!r}")
+        entry = data[ckpt]
+        out = out_root / ckpt
+        key = (entry["step"], entry.get("revision"))
+        if key in done:
+            log(f"{ckpt}: step {entry['step']} is {done[key].name}'s checkpoint; copying")
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(done[key], out)
+            continue
+        cmd = [*command, "--model", entry["path"]]
+        if entry.get("revision"):
+            cmd += ["--revision", entry["revision"]]
+        cmd += ["--model-name", f"{data.get('run_dir', '')}:{ckpt}", "--out", str(out)]
+        log("running: " + " ".join(cmd))
+        code = subprocess.call(cmd)
+        if code != 0:
+            return code
+        done[key] = out
+    return 0

@@ -152,8 +152,27 @@ class Plan:
     def init_model_dir(self, init_name: str) -> str:
         return self.path("models", "init", init_name)
 
+    def warm_start_name(self, model: str) -> str:
+        """One SFT warm start per (preset, flavour, seed), shared by every model entry (column)
+        that starts from it."""
+        toy = self.cfg["models"][model]["toy"]
+        return f"{toy['preset']}-{toy['flavour']}-s{toy['seed']}"
+
+    @property
+    def warm_starts(self) -> dict[str, dict[str, Any]]:
+        """warm-start name -> {model: one toy model entry that uses it, flavour, seed}."""
+        out: dict[str, dict[str, Any]] = {}
+        for model in self.toy_models:
+            toy = self.cfg["models"][model]["toy"]
+            out.setdefault(
+                self.warm_start_name(model),
+                {"model": model, "flavour": toy["flavour"], "seed": toy["seed"]},
+            )
+        return out
+
     def model_dir(self, model: str) -> str:
-        return self.path("models", model)
+        """The warm-started toy model a run of `model` starts from."""
+        return self.path("models", "warm", self.warm_start_name(model))
 
     def hub_marker(self, model: str) -> str:
         return self.path("models", f"{model}.hub.json")
@@ -420,18 +439,23 @@ class Plan:
 
     # --- what the aggregate / plot / report steps read ---------------------------------------------
     def figure_names(self) -> list[str]:
-        names = ["fig4_validation", "fig2_position_deviation", "fig7_prefix_budget"]
+        names = ["fig4_validation", "binding", "fig2_position_deviation", "fig7_prefix_budget"]
         names += [f"diagnostics_{m}" for m in self.models]
         names += [fig["name"] for fig in self.cfg["figures"]["ablations"]]
         return names
 
     def table_names(self) -> list[str]:
-        names = ["table1", "table4"]
+        """The rendered tables (each from its own CSV of the aggregate step)."""
+        names = ["table1", "table4", "stability", "binding"]
         if self.eval_checkpoints:
             names.append("posthoc")
         if self.cfg["paper_comparison"]:
             names.append("paper_diff")
         return names
+
+    def aggregate_csvs(self) -> list[str]:
+        """The CSVs the aggregate step writes: the tables' and the long validation/status."""
+        return ["validation_long", "run_status", *self.table_names()]
 
     def manifest(self) -> dict[str, Any]:
         cfg = self.cfg

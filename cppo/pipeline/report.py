@@ -22,7 +22,7 @@ def _status_lines(status: pd.DataFrame) -> list[str]:
         if int(row.n_validations or 0) == 0:
             problems.append("no validation records")
         if not pd.isna(row.collapse_step):
-            problems.append(f"non-finite training metrics from step {int(row.collapse_step)}")
+            problems.append(f"collapsed at step {int(row.collapse_step)} (config `collapse`)")
         if problems:
             lines.append(f"- {row.model} / {row.method} / seed {row.seed}: {', '.join(problems)}")
     return lines

@@ -26,7 +26,7 @@ class RunMetrics:
         return max(steps) if steps else None
 
 
-def _finite(x: Any) -> bool:
+def is_finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -66,7 +66,7 @@ def best_validation(records: list[dict[str, Any]], t_stop_steps: int) -> dict[st
     best: dict[str, Any] | None = None
     for rec in records:
         value = rec.get(VAL_MEAN)
-        if not _finite(value) or not 0 <= rec["step"] <= t_stop_steps:
+        if not is_finite(value) or not 0 <= rec["step"] <= t_stop_steps:
             continue
         if (
             best is None
@@ -90,13 +90,39 @@ def collapse_step(records: list[dict[str, Any]], keys: list[str]) -> int | None:
         for rec in records:
             if key not in rec:
                 continue
-            if _finite(rec[key]):
+            if is_finite(rec[key]):
                 start = None
             elif start is None:
                 start = int(rec["step"])
         if start is not None and (best is None or start < best):
             best = start
     return best
+
+
+def validation_collapse_step(
+    records: list[dict[str, Any]], fraction: float | None, consecutive: int
+) -> int | None:
+    """The first step of `consecutive` validations in a row whose val/mean is below
+    `fraction` x the step-0 value (non-finite values count as below). None when there is no
+    such run of validations, no step-0 record, or `fraction` is None."""
+    if fraction is None:
+        return None
+    start = next((r.get(VAL_MEAN) for r in records if int(r["step"]) == 0), None)
+    if not is_finite(start):
+        return None
+    first, count = None, 0
+    for rec in records:
+        if int(rec["step"]) == 0:
+            continue
+        value = rec.get(VAL_MEAN)
+        if is_finite(value) and value >= fraction * start:
+            first, count = None, 0
+            continue
+        first = int(rec["step"]) if first is None else first
+        count += 1
+        if count >= consecutive:
+            return first
+    return None
 
 
 def find_checkpoint(run_dir: str | Path, step: int) -> Path | None:

@@ -1,10 +1,12 @@
 """Rendering of the long-form CSVs as the paper's tables (Markdown, LaTeX, HTML).
 
 Cells show the mean over seeds; with two or more seeds, "mean ± h" where h is the half-width of
-a 95% Student-t interval over seeds (h = t_{0.975, n-1} * sd / sqrt(n)). The best mean of each
-column is bold. A run that collapsed (non-finite training metrics) inside [0, T_stop] shows as
-"collapse (it. N)" like the paper's CISPO 30B entry; when only some seeds collapsed, the cell
-averages the others and says how many collapsed.
+a 95% Student-t interval of the mean over seeds (h = t_{0.975, n-1} * sd / sqrt(n)). Within a
+column, the best mean is bold only when its interval lies wholly above the runner-up's: nothing
+is ranked inside the noise, and with one seed nothing is bold. A run that collapsed inside
+[0, T_stop] (configured in `collapse`: non-finite training metrics, or validation below a
+fraction of its start) is counted in its cell: "(2/3 collapse, first it. N)"; a single seed
+that collapsed reads "(collapse, it. N)", the paper's "collapse (step 215)".
 """
 
 from __future__ import annotations
@@ -18,60 +20,69 @@ from typing import Any
 import pandas as pd
 
 from cppo.pipeline.paper import paper_table
-
-# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard tables).
-T975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]  # fmt: skip
-
-
-def t975(df: int) -> float:
-    if df < 1:
-        return math.nan
-    return T975[df - 1] if df <= len(T975) else 1.96
+from cppo.pipeline.stats import seed_stat
 
 
 @dataclass
 class Stat:
+    """A cell: the mean over seeds, its 95% t half-width (NaN with one seed), the number of
+    seeds, and how many of the (model, method)'s seeds collapsed inside [0, T_stop]."""
+
     mean: float
-    half_width: float  # NaN with one seed
+    half_width: float
     n: int
     n_collapsed: int = 0
     collapse_iter: int | None = None
+    n_seeds: int | None = None  # seeds in the config; a cell with fewer values says n=
 
     @property
     def collapsed(self) -> bool:
-        return self.n == 0 and self.n_collapsed > 0
+        """Every seed collapsed: the paper prints "collapse" instead of a number."""
+        return self.n_collapsed > 0 and self.n_collapsed >= self.n
 
-
-def seed_stat(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% t half-width of a list of per-seed values (half-width NaN for n < 2)."""
-    vals = [v for v in values if not math.isnan(v)]
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return mean, t975(n - 1) * sd / math.sqrt(n)
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.mean - self.half_width, self.mean + self.half_width
 
 
 def fmt_cell(stat: Stat | None, *, digits: int = 2) -> str:
     if stat is None:
         return "–"
-    if stat.collapsed:
-        return f"collapse (it. {stat.collapse_iter})"
+    note = ""
+    if stat.n_collapsed:
+        where = f"it. {stat.collapse_iter}"
+        note = (
+            f"collapse, {where}"
+            if stat.n_collapsed == stat.n == 1
+            else f"{stat.n_collapsed}/{max(stat.n, stat.n_collapsed)} collapse, first {where}"
+        )
     if math.isnan(stat.mean):
-        return "–"
+        return note or "–"
     text = f"{stat.mean:.{digits}f}"
     if not math.isnan(stat.half_width):
         text += f" ± {stat.half_width:.{digits}f}"
-    if stat.n_collapsed:
-        text += f" ({stat.n_collapsed} collapsed)"
-    return text
+    if stat.n_seeds is not None and stat.n < stat.n_seeds:
+        text += f" (n={stat.n})"
+    return f"{text} ({note})" if note else text
+
+
+def separated_best(cells: dict[Any, Stat]) -> Any | None:
+    """The key of the highest mean, if its 95% interval lies wholly above the runner-up's.
+
+    Cells whose every seed collapsed are not ranked (the paper prints no number for them).
+    With fewer than two ranked cells, or one seed (no interval), nothing is singled out.
+    """
+    ranked = sorted(
+        ((k, c) for k, c in cells.items() if not c.collapsed and not math.isnan(c.mean)),
+        key=lambda kc: kc[1].mean,
+        reverse=True,
+    )
+    if len(ranked) < 2:
+        return None
+    (best_key, best), (_, runner) = ranked[0], ranked[1]
+    if math.isnan(best.half_width) or math.isnan(runner.half_width):
+        return None
+    return best_key if best.interval[0] > runner.interval[1] else None
 
 
 def _collapsed_runs(status: pd.DataFrame, manifest: dict[str, Any]) -> dict[tuple, int]:
@@ -92,40 +103,27 @@ def _collapsed_runs(status: pd.DataFrame, manifest: dict[str, Any]) -> dict[tupl
 def summarize(
     df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any], by: list[str]
 ) -> dict[tuple, Stat]:
-    """Per group of `by` (must include model and method): a Stat over seeds."""
+    """Per group of `by` (must include model and method): a Stat over every seed's value.
+
+    Collapsed seeds keep their value (the best within T_stop of a run that later collapsed is
+    still its best); the cell counts them and names the first collapse iteration.
+    """
     collapsed = _collapsed_runs(status, manifest)
     stats: dict[tuple, Stat] = {}
     seeds = [int(s) for s in manifest["seeds"]]
     groups = df.groupby(by, sort=False) if len(df) else []
-    seen: set[tuple] = set()
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
-        seen.add(key)
         info = dict(zip(by, key, strict=True))
-        ok = [
-            float(r.value)
-            for r in group.itertuples(index=False)
-            if (info["model"], info["method"], int(r.seed)) not in collapsed
-        ]
-        n_col = sum((info["model"], info["method"], s) in collapsed for s in seeds)
         its = [
             collapsed[(info["model"], info["method"], s)]
             for s in seeds
             if (info["model"], info["method"], s) in collapsed
         ]
-        mean, hw = seed_stat(ok)
-        stats[key] = Stat(mean, hw, len(ok), n_col, min(its) if its else None)
+        values = [float(v) for v in group["value"]]
+        mean, hw = seed_stat(values)
+        stats[key] = Stat(mean, hw, len(values), len(its), min(its) if its else None, len(seeds))
     return stats
-
-
-def _best_by_column(cells: dict[tuple, Stat], col_index: int) -> dict[Any, float]:
-    best: dict[Any, float] = {}
-    for key, stat in cells.items():
-        if stat.collapsed or math.isnan(stat.mean):
-            continue
-        col = key[col_index]
-        best[col] = max(best.get(col, -math.inf), stat.mean)
-    return best
 
 
 @dataclass
@@ -210,8 +208,12 @@ class Grid:
 def _seed_note(manifest: dict[str, Any]) -> str:
     n = len(manifest["seeds"])
     if n == 1:
-        return f"One seed ({manifest['seeds'][0]}); values in %."
-    return f"Mean ± 95% t-interval half-width over {n} seeds; values in %."
+        return f"One seed ({manifest['seeds'][0]}): no interval, no ranking; values in %."
+    return (
+        f"Mean ± half-width of the 95% Student-t interval over n = {n} seeds (a cell with "
+        "fewer says n=; per-seed values in the CSV); values in %. Bold: the best mean of a "
+        "column, only where its interval does not overlap the runner-up's."
+    )
 
 
 def _model_header(manifest: dict[str, Any], model: str) -> str:
@@ -222,20 +224,26 @@ def _model_header(manifest: dict[str, Any], model: str) -> str:
     return label
 
 
+def _bold_where_separated(
+    stats: dict[tuple, Stat], rows: list[Any], cols: list[Any], key
+) -> list[list[bool]]:
+    """bold[r][c]: cell (row, col) is the separated best of its column (see separated_best)."""
+    winners = {}
+    for c in cols:
+        cells = {r: stats[key(r, c)] for r in rows if key(r, c) in stats}
+        winners[c] = separated_best(cells)
+    return [[winners[c] == r and winners[c] is not None for c in cols] for r in rows]
+
+
 def table1_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]) -> Grid:
     """Rows: methods; columns: models; cell: best validation mean within [0, T_stop]."""
     stats = summarize(df, status, manifest, ["model", "method"])
     models, methods = list(manifest["models"]), list(manifest["methods"])
-    best = _best_by_column(stats, 0)
-    rows, bold = [], []
-    for meth in methods:
-        row, brow = [manifest["methods"][meth]["label"]], [False]
-        for model in models:
-            st = stats.get((model, meth))
-            row.append(fmt_cell(st))
-            brow.append(st is not None and not st.collapsed and st.mean == best.get(model))
-        rows.append(row)
-        bold.append(brow)
+    bold = _bold_where_separated(stats, methods, models, lambda me, mo: (mo, me))
+    rows = [
+        [manifest["methods"][me]["label"], *(fmt_cell(stats.get((mo, me))) for mo in models)]
+        for me in methods
+    ]
     bench = ", ".join(
         manifest["benchmarks"][b]["label"] for b in manifest["validation"]["benchmarks"]
     )
@@ -246,7 +254,7 @@ def table1_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]
         title=f"Table 1: best {bench} Avg@{manifest['validation']['k']} within [0, T_stop]",
         header=["Method", *(_model_header(manifest, m) for m in models)],
         rows=rows,
-        bold=bold,
+        bold=[[False, *b] for b in bold],
         notes=[_seed_note(manifest), f"T_stop (iterations): {tstops}."],
     )
 
@@ -255,21 +263,14 @@ def table4_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]
     """Rows: (model, method); columns: validation benchmarks at the best-mean checkpoint."""
     stats = summarize(df, status, manifest, ["model", "method", "benchmark"])
     benches = list(manifest["validation"]["benchmarks"])
+    methods = list(manifest["methods"])
     rows, bold = [], []
     for model in manifest["models"]:
-        best: dict[str, float] = {}
-        for (mo, _, b), st in stats.items():
-            if mo == model and not st.collapsed and not math.isnan(st.mean):
-                best[b] = max(best.get(b, -math.inf), st.mean)
-        for meth in manifest["methods"]:
+        block = _bold_where_separated(stats, methods, benches, lambda me, b, model=model: (model, me, b))
+        for meth, brow in zip(methods, block, strict=True):
             row = [manifest["models"][model]["label"], manifest["methods"][meth]["label"]]
-            brow = [False, False]
-            for b in benches:
-                st = stats.get((model, meth, b))
-                row.append(fmt_cell(st))
-                brow.append(st is not None and not st.collapsed and st.mean == best.get(b))
-            rows.append(row)
-            bold.append(brow)
+            rows.append(row + [fmt_cell(stats.get((model, meth, b))) for b in benches])
+            bold.append([False, False, *brow])
     grid = Grid(
         title="Table 4: per-benchmark validation Avg@k at the best-mean checkpoint",
         header=["Model", "Method", *(manifest["benchmarks"][b]["label"] for b in benches)],
@@ -279,6 +280,90 @@ def table4_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]
     )
     grid.n_label_cols = 2
     return grid
+
+
+def metric_grid(
+    df: pd.DataFrame,
+    status: pd.DataFrame,
+    manifest: dict[str, Any],
+    *,
+    title: str,
+    columns: list[tuple[str, str]],
+    notes: list[str],
+    digits: int = 2,
+) -> Grid:
+    """Rows: (model, method); one column per (metric, header) of a long CSV with a `metric`
+    column (stability.csv, binding.csv); cells are means over seeds with their interval."""
+    stats = summarize(df, status, manifest, ["model", "method", "metric"])
+    methods = list(manifest["methods"])
+    metrics = [m for m, _ in columns]
+    rows, bold = [], []
+    for model in manifest["models"]:
+        for meth in methods:
+            row = [manifest["models"][model]["label"], manifest["methods"][meth]["label"]]
+            for metric in metrics:
+                st = stats.get((model, meth, metric))
+                row.append(fmt_cell(st, digits=digits) if st is None or st.n else "–")
+            rows.append(row)
+            bold.append([False] * len(row))
+    grid = Grid(
+        title=title,
+        header=["Model", "Method", *(h for _, h in columns)],
+        rows=rows,
+        bold=bold,
+        notes=[_seed_note(manifest).split(" Bold:")[0], *notes],
+    )
+    grid.n_label_cols = 2
+    return grid
+
+
+STABILITY_COLUMNS = [
+    ("start", "start"),
+    ("best", "best ≤ T_stop"),
+    ("gain", "gain (best − start)"),
+    ("final", "final"),
+    ("last2", "mean of last 2"),
+    ("net", "final − start"),
+]
+BINDING_COLUMNS = [
+    ("masked", "masked / clipped (% of terms)"),
+    ("capped", "capped IS weight (% of terms)"),
+    ("prefix_share", "prefix-budget share of masks (%)"),
+    ("rejected", "rejected responses (%)"),
+    ("abs_dev", "mean |ρ − 1|"),
+    ("divergence", "mean D_t"),
+]
+
+
+def stability_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]) -> Grid:
+    k = manifest["validation"]["k"]
+    return metric_grid(
+        df,
+        status,
+        manifest,
+        title=f"Stability: validation Avg@{k} at the start, best within T_stop, and at the end",
+        columns=STABILITY_COLUMNS,
+        notes=[
+            "final = the last validation; a collapse is counted in every cell of its row.",
+        ],
+    )
+
+
+def binding_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]) -> Grid:
+    return metric_grid(
+        df,
+        status,
+        manifest,
+        title="How much each rule binds (mean over optimizer steps, then over seeds)",
+        columns=BINDING_COLUMNS,
+        notes=[
+            "masked / clipped: terms passing no gradient (PPO clip, DPPO/CPPO mask, TRM's "
+            "rejected responses); capped: CISPO's min(ρ, C) and MinPRO's clipped weight; "
+            "prefix-budget share: CPPO's masks from the budget, not the token threshold; "
+            "D_t: the run's divergence (Top-K TV, or KL for TRM).",
+        ],
+        digits=3,
+    )
 
 
 def posthoc_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]) -> Grid:
@@ -407,6 +492,10 @@ def render(manifest: dict[str, Any], tables_dir: str | Path, name: str) -> list[
         grid = posthoc_grid(df, status, manifest)
     elif name == "paper_diff":
         grid = paper_diff_grid(df, manifest)
+    elif name == "stability":
+        grid = stability_grid(df, status, manifest)
+    elif name == "binding":
+        grid = binding_grid(df, status, manifest)
     else:
         raise ValueError(f"unknown table {name!r}")
     return write_grid(grid, tables_dir / name)

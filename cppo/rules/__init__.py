@@ -10,10 +10,11 @@ Public API::
     out = rule(RuleBatch(logp, logp_mu, advantages, response_mask, divergence=D), cfg)
     loss = aggregate_loss(out.per_token_loss, response_mask, cfg.get("loss_agg_mode", ...))
 
-Registered rules: grpo, cispo, dppo, cppo, trm_max, trm_avg, minpro (one module each).
+Registered rules: grpo, cispo, dppo, cppo, trm_max, trm_avg, minpro and the no-trust-region
+control none (one module each).
 """
 
-from cppo.rules import cispo, cppo, dppo, grpo, minpro, trm  # noqa: F401  (registration)
+from cppo.rules import cispo, cppo, dppo, grpo, minpro, none, trm  # noqa: F401  (registration)
 from cppo.rules.aggregation import AGGREGATION_MODES, aggregate_loss
 from cppo.rules.base import RuleBatch, RuleOutput
 from cppo.rules.cppo import CPPOGate, cppo_gate, cppo_mask, cppo_soft_weight, masked_quantile

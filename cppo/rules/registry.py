@@ -178,6 +178,21 @@ class Rule:
         c = self.resolve(cfg)
         return {"kind": c["divergence"], "topk": c["topk"], "sampled_token": c["sampled_token"]}
 
+    def metric_keys(self, cfg: Mapping[str, Any] | None = None) -> list[str]:
+        """The diagnostic keys the rule reports under ``cfg`` (from one call on a tiny batch),
+        so that a caller can log every key at every step (null when the rule did not run)."""
+        import torch
+
+        lq = torch.full((2, 3), -1.0)
+        batch = RuleBatch(
+            lq + 0.1,
+            lq,
+            torch.tensor([1.0, -1.0]),
+            torch.ones(2, 3, dtype=torch.bool),
+            divergence=torch.full((2, 3), 0.01),
+        )
+        return sorted(self(batch, cfg).metrics)
+
     def __call__(self, batch: RuleBatch, cfg: Mapping[str, Any] | None = None) -> RuleOutput:
         resolved = self.resolve(cfg)
         has_kl = self.kl_fallback and batch.kl is not None

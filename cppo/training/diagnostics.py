@@ -16,6 +16,9 @@ keys of the metrics contract (plus the optional deviation bins). Definitions:
   cppo/delta_b_eff = mean effective delta_b (CPPO only, else null).
 - logprob/rel_error: sum |log mu_engine - log mu_trainer| / sum |log mu_trainer| over response
   tokens when the rollout engine and the trainer both give log-probs (vLLM), else null.
+- every other diagnostic the rule reports (e.g. grpo/dual_clip_fraction, cispo/capped_fraction,
+  trm/reject_fraction, cppo/prefix_share, outward/fraction), by its own name, averaged over
+  the micro-steps weighted by their eligible tokens; the trainer's own keys above win.
 - deviation/bin{i}/mean and /top10: |pi(y_t) - mu(y_t)| in relative-position bin i
   (t / T in [i/n, (i+1)/n)), its mean and the mean of its largest 10%.
 """
@@ -51,7 +54,7 @@ TRAIN_KEYS = (
     "time/step_s",
     "throughput/tokens_per_s",
 )
-# Rule-reported diagnostics that feed the record (weighted by eligible tokens over micro-steps).
+# Contract keys that the rule's own report fills (weighted by eligible tokens over micro-steps).
 RULE_KEYS = ("mask/fraction", "mask/token_fraction", "mask/prefix_fraction", "cppo/delta_b_eff")
 
 _MEANS = {
@@ -114,10 +117,11 @@ class StepAccumulator:
             self.length_max = torch.maximum(self.length_max, value.max().to(torch.float64))
 
     def add_rule_metrics(self, metrics: dict[str, float], weight: float) -> None:
-        for key in RULE_KEYS:
-            if key in metrics and weight > 0:
-                self.rule[key][0] += float(metrics[key]) * weight
-                self.rule[key][1] += weight
+        if weight <= 0:
+            return
+        for key, value in metrics.items():
+            self.rule[key][0] += float(value) * weight
+            self.rule[key][1] += weight
 
     def add_deviation(self, dev: torch.Tensor, rel_pos: torch.Tensor) -> None:
         """dev, rel_pos: 1-d tensors over response tokens; rel_pos in [0, 1)."""
@@ -149,13 +153,21 @@ class StepAccumulator:
         for key in RULE_KEYS:
             # the rule's own count wins (a soft gate down-weights without zeroing)
             out[key] = rule.get(key, out.get(key) if key == "mask/fraction" else None)
+        for key, value in rule.items():
+            out.setdefault(key, value)
         out["_processed_tokens"] = tot["processed_tokens"]
         out.update(self._deviation_stats(accelerator))
         return {k: (_finite_or_none(v) if k != "_processed_tokens" else v) for k, v in out.items()}
 
     def _reduce_rule(self, accelerator: Any) -> dict[str, float]:
+        keys = sorted(self.rule)
+        if accelerator.num_processes > 1:
+            # a process whose micro-steps had nothing eligible reported no keys
+            from accelerate.utils import gather_object
+
+            keys = sorted(set(gather_object(keys)))
         local = torch.tensor(
-            [v for key in RULE_KEYS for v in self.rule.get(key, [0.0, 0.0])],
+            [v for key in keys for v in self.rule.get(key, [0.0, 0.0])],
             dtype=torch.float64,
             device=self.device,
         )
@@ -163,7 +175,7 @@ class StepAccumulator:
             local = accelerator.reduce(local, reduction="sum")
         vals = local.tolist()
         res = {}
-        for i, key in enumerate(RULE_KEYS):
+        for i, key in enumerate(keys):
             s, w = vals[2 * i], vals[2 * i + 1]
             if w > 0:
                 res[key] = s / w

@@ -161,6 +161,10 @@ class CPPOTrainer(GRPOTrainer):
             # padded position horizon
             method["horizon"] = args.max_completion_length
         self._rule_cfg = rule.resolve(method)
+        try:
+            self._rule_keys = rule.metric_keys(self._rule_cfg)
+        except Exception:  # a plugin rule that needs more than a generic batch: log as it comes
+            self._rule_keys = []
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
         super().__init__(
@@ -539,12 +543,14 @@ class CPPOTrainer(GRPOTrainer):
         if not self._div["compute"]:
             stats["divergence/mean"] = None
         record: dict[str, Any] = {"kind": "train", "step": int(self.state.global_step)}
-        for key in TRAIN_KEYS:
+        # the contract keys and the rule's own (null in a step where the rule did not run),
+        # then the deviation bins
+        keys = dict.fromkeys([*TRAIN_KEYS, *self._rule_keys, *stats])
+        for key in keys:
+            if key.startswith("_"):
+                continue
             value = stats.get(key)
             record[key] = None if value is None or not math.isfinite(float(value)) else float(value)
-        for key, value in stats.items():
-            if key.startswith("deviation/"):
-                record[key] = value
         return record
 
     def _validate_if_due(self, step: int) -> None:
