@@ -3,10 +3,11 @@
 Runs `python -m cppo.train` in this process with timers around the trainer's parts and prints
 one table (seconds and share of the wall time):
 
-- start-up: interpreter, imports of the training stack, run-directory and model loading;
+- start-up: the imports of the training stack;
 - rollout generation (TRL's generate), mu recording and rewards (the rest of scoring a batch);
-- updates: loss forward, backward and optimizer steps;
-- in-loop validation; checkpoint saving; the remainder (data loading, logging, callbacks).
+- updates: loss forward and backward (the optimizer step is in "other");
+- in-loop validation; checkpoint saving; the remainder (model and data loading, optimizer
+  steps, logging, callbacks).
 
     python benchmarks/profile_toy_run.py --config run.yaml [--out profile.json]
 

@@ -130,8 +130,12 @@ def binary_kl(logp: Tensor, logp_mu: Tensor, response_mask: Tensor | None = None
 def _log_ratio(logp: Tensor, logp_mu: Tensor) -> Tensor:
     """log pi(y_t) - log mu(y_t) upcast; -inf on both sides (no mass anywhere) gives 0."""
     dt = _acc_dtype(logp, logp_mu)
-    lr = _clean_logp(logp, dt) - _clean_logp(logp_mu, dt)
-    return torch.nan_to_num(lr, nan=0.0)
+
+    def clean(x: Tensor) -> Tensor:  # NaN -> no mass; -inf kept (_clean_logp makes it finite)
+        return torch.nan_to_num(x.to(dt), nan=-math.inf, posinf=0.0, neginf=-math.inf).clamp(max=0)
+
+    lr = clean(logp) - clean(logp_mu)
+    return torch.where(torch.isnan(lr), torch.zeros((), dtype=lr.dtype, device=lr.device), lr)
 
 
 def k3(logp: Tensor, logp_mu: Tensor, response_mask: Tensor | None = None) -> Tensor:

@@ -16,8 +16,15 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def rule_metric_keys(name: str) -> set[str]:
-    """The diagnostic keys a registered rule reports with its default config."""
-    from cppo.rules import get_rule
-
-    return set(get_rule(name).metric_keys())
+# The diagnostics each rule reports beyond the trainer's contract keys (TRAIN_KEYS), written out
+# by hand from the rules' code so that a key the trainer drops or a rule loses fails a test.
+RULE_EXTRA_KEYS = {
+    "grpo": {"outward/fraction", "grpo/dual_clip_fraction"},
+    "cispo": {"cispo/capped_fraction", "cispo/weight_mean"},
+    "minpro": {"minpro/weight_mean", "minpro/prefix_min_mean", "minpro/clip_fraction"},
+    "dppo": {"outward/fraction"},
+    "trm_max": {"outward/fraction", "trm/reject_fraction", "trm/score_mean"},
+    "trm_avg": {"outward/fraction", "trm/reject_fraction", "trm/score_mean"},
+    "cppo": {"outward/fraction", "cppo/prefix_share"},
+    "none": {"outward/fraction"},
+}

@@ -24,7 +24,6 @@ from cppo.rules import (
     resolve_config,
 )
 from cppo.rules.reference import cppo_reference, position_weights
-from cppo.rules.trm import TRM_THRESHOLDS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,21 +82,21 @@ def test_rule_reads_the_padded_horizon_from_its_config():
     assert get_rule("cppo")(batch, {**cfg, "horizon": 5}).keep[0, 2].item() is False
     # horizon unset: the tensor's own padded width, here also 5
     assert get_rule("cppo")(batch, cfg).keep[0, 2].item() is False
-    # a long horizon pushes the weights of this short response towards 1
+    # the response's own length (T = 3): w_3 = 0.8, Z_3 = 0.144 <= 0.15, kept
     assert get_rule("cppo")(batch, {**cfg, "position_horizon": "response"}).keep[0, 2].item()
     with pytest.raises(ValueError, match="shorter than a response"):
         get_rule("cppo")(batch, {**cfg, "horizon": 2})
 
 
 def test_reference_with_padded_horizon_by_hand():
-    # w = [1, 0.95, 0.9] (T = 5). t1: Z = .1 <= .15; t2: c = min(.15, .15 + .02 - .1) = .07,
-    # Z = .095 > .07 -> prefix; t3: c = .15 + .02 * 1.95 - .195 = -.006, Z = .0 -> masked too.
-    w, db, kinds = cppo_reference(
-        [0.1, 0.1, 0.0], [0.1] * 3, [1.0] * 3, delta=0.15, delta_b=0.02, w_min=0.8, horizon=5
-    )
-    assert w == [1.0, 0.0, 0.0]
-    assert kinds == ["", "prefix", "prefix"]
-    assert db == 0.02
+    # t2: c = min(.15, .15 + .02 * 1 - .1) = .07 against Z = w_2 * .076. Padded T = 5:
+    # w_2 = .95, Z = .0722 > .07 -> masked by the budget; t3: c = .15 + .02 * 1.95 - .1722
+    # = .0168 >= Z = 0 -> kept. Own length T = 3: w_2 = .9, Z = .0684 <= .07 -> kept.
+    kw = dict(delta=0.15, delta_b=0.02, w_min=0.8)
+    w, db, kinds = cppo_reference([0.1, 0.076, 0.0], [0.1] * 3, [1.0] * 3, horizon=5, **kw)
+    assert (w, kinds, db) == ([1.0, 0.0, 1.0], ["", "prefix", ""], 0.02)
+    w, _, kinds = cppo_reference([0.1, 0.076, 0.0], [0.1] * 3, [1.0] * 3, **kw)
+    assert (w, kinds) == ([1.0, 1.0, 1.0], ["", "", ""])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +191,13 @@ def test_k3_and_abs_log_ratio_by_hand():
     for kind in ("k3", "abs_log_ratio"):
         d = compute_divergence(kind, logp=logp, logp_mu=logp_mu, response_mask=mask)
         assert d[0, 2].item() == 0.0  # padding
+    # pi gives the sampled token no mass: |log rho| is inf (rejects), k3 large but finite
+    inf = torch.tensor([[float("-inf")]], dtype=F64)
+    assert abs_log_ratio(inf, torch.tensor([[-1.0]], dtype=F64)).item() == math.inf
+    assert k3(inf, torch.tensor([[-1.0]], dtype=F64)).item() == pytest.approx(
+        20 - 1 + math.exp(-20)
+    )
+    assert abs_log_ratio(inf, inf).item() == 0.0  # no mass on either side
 
 
 def test_k3_is_an_unbiased_estimate_of_kl_mu_pi():
@@ -216,7 +222,6 @@ def test_trm_thresholds_per_estimator():
         resolve_config("trm_max", {"divergence": "topk_tv"})
     with pytest.raises(RuleConfigError, match="no published threshold"):
         resolve_config("trm_max", {"divergence": "k3"})
-    assert set(TRM_THRESHOLDS.values()) == {0.05, 0.001, 0.01, math.sqrt(5.0)}
 
 
 def test_trm_k3_average_and_abs_log_ratio_max_masks_by_hand():
@@ -317,3 +322,13 @@ def test_toy_defaults_stay_token_mean_with_group_std_unless_set():
     run = Plan(cfg).run_config(model, method, 0)
     assert run["rl"]["scale_rewards"] == "none"
     assert run["method"]["loss_agg_mode"] == "seq-mean-token-sum-norm"
+
+
+def test_ratio_cap_share_is_reported():
+    # rho = 1, e, e^-.3, e^2.5: with C = 2, two of the four terms (e and e^2.5) are capped
+    logp_mu = torch.tensor([[-1.0, -2.0, -0.5, -3.0]], dtype=F64)
+    lr = torch.tensor([[0.0, 1.0, -0.3, 2.5]], dtype=F64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    batch = RuleBatch(logp_mu + lr, logp_mu, torch.tensor([0.7], dtype=F64), mask, mask * 0.0)
+    assert get_rule("trm_max")(batch, {"ratio_cap": 2.0}).metrics["ratio/capped_fraction"] == 0.5
+    assert "ratio/capped_fraction" not in get_rule("dppo")(batch, {}).metrics

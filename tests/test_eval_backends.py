@@ -54,8 +54,21 @@ def test_length_sorted_batches_return_results_in_prompt_order(tiny):
     # batches are formed shortest prompt first; the results must still follow the input order
     model, tok = tiny
     prompts = [PROMPTS[1], CHAT.format("Hi"), PROMPTS[0], CHAT.format("Two plus two, then three?")]
-    backend = TransformersBackend(model, tok, batch_size=3)
-    got = backend.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=10, seed=0)
+    backend = TransformersBackend(model, tok, batch_size=1)
+    widths = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        got = backend.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=10, seed=0)
+    finally:
+        del model.generate
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert widths == sorted(lengths)  # one prompt per batch, shortest first
     for prompt, samples in zip(prompts, got, strict=True):
         assert samples == [Sample(*_greedy_reference(model, tok, prompt, 10))]
 

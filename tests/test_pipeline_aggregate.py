@@ -220,6 +220,10 @@ def test_bold_only_when_intervals_do_not_overlap():
     assert tables.fmt_cell(cells["x"]) == "90.00 ± 1.00 (3/3 collapse, first it. 4)"
     assert tables.fmt_cell(S(34.4, nan, 1, 1, 8)) == "34.40 (collapse, it. 8)"
     assert tables.fmt_cell(S(50, 2, 2, n_seeds=3)) == "50.00 ± 2.00 (n=2)"  # a seed is missing
+    # two of three seeds collapsed, one of them without a value: not all collapsed
+    two = S(40, nan, 1, n_collapsed=2, collapse_iter=3, n_seeds=3)
+    assert not two.collapsed
+    assert tables.fmt_cell(two) == "40.00 (n=1) (2/3 collapse, first it. 3)"
 
 
 def test_validation_collapse_rule():
@@ -483,8 +487,10 @@ def test_evaluate_run_evaluates_each_step_once(tmp_path):
     (tmp_path / "fake_eval.py.calls").unlink()
     assert evaluate_run(sel, ["best", "final"], tmp_path / "ev2", cmd) == 0
     assert len((tmp_path / "fake_eval.py.calls").read_text().splitlines()) == 1
-    best = (tmp_path / "ev2/best/b.summary.json").read_text()
-    assert best == (tmp_path / "ev2/final/b.summary.json").read_text()
+    best = json.loads((tmp_path / "ev2/best/b.summary.json").read_text())
+    final = json.loads((tmp_path / "ev2/final/b.summary.json").read_text())
+    assert best["args"] == final["args"]  # the same evaluation
+    assert final["model"] == "runs/y:final" and final["copied_from"] == "best"
 
 
 def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
@@ -540,6 +546,16 @@ def test_stability_and_binding_values_by_hand():
     assert got == pytest.approx({"masked": 2.0, "prefix_share": 100 / 6, "abs_dev": 0.1})
     got = aggregate.binding_values([{"step": 1, "cispo/capped_fraction": 0.5}])
     assert got == {"capped": 50.0}
+    got = aggregate.binding_values([{"step": 1, "ratio/capped_fraction": 0.01}])
+    assert got == {"capped": 1.0}
+    # a broken last validation counts as 0 in final, last2 and net
+    val = [
+        {"step": 0, "val/mean": 0.3},
+        {"step": 4, "val/mean": 0.5},
+        {"step": 8, "val/mean": None},
+    ]
+    got = aggregate.stability_values(val, t_stop_steps=8)
+    assert (got["final"], got["last2"], got["net"]) == (0.0, 25.0, -30.0)
 
 
 def test_stability_and_binding_tables(synth):
@@ -554,10 +570,19 @@ def test_stability_and_binding_tables(synth):
         {"start": 10.0, "best": 30.0, "gain": 20.0, "final": 90.0, "last2": 55.0, "net": 80.0}
     )
     md = Path(plan.path("tables", "stability.md")).read_text()
+    row_a = next(line for line in md.splitlines() if line.startswith("| Model M | Method A |"))
+    cells = [c.strip() for c in row_a.strip("|").split("|")]
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     finals = [90.0, 0.0, 0.0]  # method a's last validations
     hw = 4.303 * statistics.stdev(finals) / math.sqrt(3)
-    assert f"| {30.0:.2f} ± {hw:.2f} |" in md.split("\n")[4]  # Model M / Method A: final
+    assert cells[header.index("final")] == f"30.00 ± {hw:.2f}"
     binding = Path(plan.path("tables", "binding.md")).read_text()
+    header = [c.strip() for c in binding.splitlines()[2].strip("|").split("|")]
+    row_b = next(ln for ln in binding.splitlines() if ln.startswith("| Model M | Method B |"))
+    cells = [c.strip() for c in row_b.strip("|").split("|")]
     # every run logs mask/fraction 0.2 and prefix 0.05: 20 % masked, 25 % of it by the budget
-    assert "| Model M | Method A | 20.000 ± 0.000 |" in binding
-    assert "25.000 ± 0.000" in binding
+    assert (
+        cells[header.index("masked / clipped (% of terms)")]
+        == "20.000 ± 0.000 (1/3 collapse, first it. 1)"
+    )
+    assert cells[header.index("prefix-budget share of masks (%)")].startswith("25.000 ± 0.000")

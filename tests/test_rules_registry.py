@@ -193,3 +193,13 @@ def test_aggregation_ignores_nan_padding_and_empty_batches():
     empty = torch.zeros(2, 3, requires_grad=True)
     for mode in AGGREGATION_MODES:
         assert aggregate_loss(empty, torch.zeros(2, 3, dtype=torch.bool), mode).item() == 0.0
+
+
+def test_metric_keys_lists_what_each_rule_reports():
+    from conftest import RULE_EXTRA_KEYS
+
+    from cppo.training.diagnostics import TRAIN_KEYS
+
+    for name, extra in RULE_EXTRA_KEYS.items():
+        assert set(get_rule(name).metric_keys()) - set(TRAIN_KEYS) == extra, name
+    assert "ratio/capped_fraction" in get_rule("cppo").metric_keys({"ratio_cap": 2.0})

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import rule_metric_keys
+from conftest import RULE_EXTRA_KEYS
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from cppo.training.diagnostics import TRAIN_KEYS, read_metrics
@@ -220,7 +220,7 @@ def test_cli_end_to_end(assets, tmp_path):
         "step",
         *TRAIN_KEYS,
         *(f"deviation/bin{i}/{s}" for i in range(2) for s in ("mean", "top10")),
-        *rule_metric_keys("cppo"),
+        *RULE_EXTRA_KEYS["cppo"],
     }
     assert (
         yaml.safe_load((run / "config.resolved.yaml").read_text())["run_name"] == "model__cppo__s0"

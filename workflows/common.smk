@@ -26,7 +26,6 @@ wildcard_constraints:
     model=alternatives(PLAN.models),
     method=alternatives(PLAN.methods),
     seed=r"\d+",
-    ckpt="best|final",
 
 
 def run_done(w):

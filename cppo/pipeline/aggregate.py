@@ -56,7 +56,7 @@ METRIC_COLUMNS = ["model", "method", "seed", "metric", "value"]
 # binding.csv metric -> the training-record keys it reads (the first one a run logged wins)
 BINDING_KEYS = {
     "masked": ("mask/fraction",),
-    "capped": ("cispo/capped_fraction", "minpro/clip_fraction"),
+    "capped": ("cispo/capped_fraction", "minpro/clip_fraction", "ratio/capped_fraction"),
     "rejected": ("trm/reject_fraction",),
     "abs_dev": ("ratio/abs_dev_mean",),
     "divergence": ("divergence/mean",),
@@ -65,8 +65,13 @@ PERCENT = {"masked", "capped", "rejected", "prefix_share"}
 
 
 def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dict[str, float]:
-    """start / best / gain / final / last2 / net of one run's validation means, in %."""
-    vals = [(int(r["step"]), r[VAL_MEAN]) for r in validation if is_finite(r.get(VAL_MEAN))]
+    """start / best / gain / final / last2 / net of one run's validation means, in %.
+
+    A validation without a finite mean (a broken model) counts as 0, as in the collapse rule.
+    """
+    vals = [
+        (int(r["step"]), r[VAL_MEAN] if is_finite(r.get(VAL_MEAN)) else 0.0) for r in validation
+    ]
     if not vals:
         return {}
     out: dict[str, float] = {}
@@ -96,7 +101,8 @@ def binding_values(train: list[dict[str, Any]]) -> dict[str, float]:
         value = next((v for k in keys if (v := mean(k)) is not None), None)
         if value is not None:
             out[metric] = value * (100.0 if metric in PERCENT else 1.0)
-    # CPPO: the budget's share of all masked terms over the run (a ratio of sums)
+    # CPPO: the budget's share of all masked terms over the run, a ratio of sums (a mean of
+    # per-step shares would weight a step that masks one term like one that masks many)
     prefix = [r for r in train if is_finite(r.get("mask/prefix_fraction"))]
     masked = sum(float(r["mask/fraction"]) for r in prefix if is_finite(r.get("mask/fraction")))
     if prefix and masked > 0:

@@ -152,6 +152,11 @@ def evaluate_run(
             log(f"{ckpt}: step {entry['step']} is {done[key].name}'s checkpoint; copying")
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(done[key], out)
+            for summary in out.glob("*.summary.json"):  # say which checkpoint this copy is
+                data_s = json.loads(summary.read_text())
+                data_s["model"] = f"{data.get('run_dir', '')}:{ckpt}"
+                data_s["copied_from"] = done[key].name
+                summary.write_text(json.dumps(data_s, indent=2) + "\n")
             continue
         cmd = [*command, "--model", entry["path"]]
         if entry.get("revision"):

@@ -37,8 +37,9 @@ class Stat:
 
     @property
     def collapsed(self) -> bool:
-        """Every seed collapsed: the paper prints "collapse" instead of a number."""
-        return self.n_collapsed > 0 and self.n_collapsed >= self.n
+        """Every seed collapsed (the paper prints "collapse" for such a run; here the cell
+        keeps its value and says so, and the ranking leaves it out)."""
+        return self.n_collapsed > 0 and self.n_collapsed >= (self.n_seeds or self.n)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -54,7 +55,7 @@ def fmt_cell(stat: Stat | None, *, digits: int = 2) -> str:
         note = (
             f"collapse, {where}"
             if stat.n_collapsed == stat.n == 1
-            else f"{stat.n_collapsed}/{max(stat.n, stat.n_collapsed)} collapse, first {where}"
+            else f"{stat.n_collapsed}/{stat.n_seeds or stat.n} collapse, first {where}"
         )
     if math.isnan(stat.mean):
         return note or "–"
@@ -69,7 +70,7 @@ def fmt_cell(stat: Stat | None, *, digits: int = 2) -> str:
 def separated_best(cells: dict[Any, Stat]) -> Any | None:
     """The key of the highest mean, if its 95% interval lies wholly above the runner-up's.
 
-    Cells whose every seed collapsed are not ranked (the paper prints no number for them).
+    Cells whose every seed collapsed are not ranked (the paper prints "collapse" for them).
     With fewer than two ranked cells, or one seed (no interval), nothing is singled out.
     """
     ranked = sorted(
@@ -120,7 +121,7 @@ def summarize(
             for s in seeds
             if (info["model"], info["method"], s) in collapsed
         ]
-        values = [float(v) for v in group["value"]]
+        values = [float(v) for v in group["value"] if not math.isnan(float(v))]
         mean, hw = seed_stat(values)
         stats[key] = Stat(mean, hw, len(values), len(its), min(its) if its else None, len(seeds))
     return stats
@@ -266,7 +267,9 @@ def table4_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]
     methods = list(manifest["methods"])
     rows, bold = [], []
     for model in manifest["models"]:
-        block = _bold_where_separated(stats, methods, benches, lambda me, b, model=model: (model, me, b))
+        block = _bold_where_separated(
+            stats, methods, benches, lambda me, b, model=model: (model, me, b)
+        )
         for meth, brow in zip(methods, block, strict=True):
             row = [manifest["models"][model]["label"], manifest["methods"][meth]["label"]]
             rows.append(row + [fmt_cell(stats.get((model, meth, b))) for b in benches])
@@ -302,8 +305,7 @@ def metric_grid(
         for meth in methods:
             row = [manifest["models"][model]["label"], manifest["methods"][meth]["label"]]
             for metric in metrics:
-                st = stats.get((model, meth, metric))
-                row.append(fmt_cell(st, digits=digits) if st is None or st.n else "–")
+                row.append(fmt_cell(stats.get((model, meth, metric)), digits=digits))
             rows.append(row)
             bold.append([False] * len(row))
     grid = Grid(
@@ -311,7 +313,7 @@ def metric_grid(
         header=["Model", "Method", *(h for _, h in columns)],
         rows=rows,
         bold=bold,
-        notes=[_seed_note(manifest).split(" Bold:")[0], *notes],
+        notes=[_seed_note(manifest).split("; values in %")[0] + ".", *notes],
     )
     grid.n_label_cols = 2
     return grid
@@ -344,7 +346,8 @@ def stability_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, A
         title=f"Stability: validation Avg@{k} at the start, best within T_stop, and at the end",
         columns=STABILITY_COLUMNS,
         notes=[
-            "final = the last validation; a collapse is counted in every cell of its row.",
+            "Values in %. final = the last validation (a missing value counts as 0); a "
+            "collapse is counted in every cell of its row.",
         ],
     )
 
@@ -357,10 +360,11 @@ def binding_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any
         title="How much each rule binds (mean over optimizer steps, then over seeds)",
         columns=BINDING_COLUMNS,
         notes=[
-            "masked / clipped: terms passing no gradient (PPO clip, DPPO/CPPO mask, TRM's "
-            "rejected responses); capped: CISPO's min(ρ, C) and MinPRO's clipped weight; "
-            "prefix-budget share: CPPO's masks from the budget, not the token threshold; "
-            "D_t: the run's divergence (Top-K TV, or KL for TRM).",
+            "Shares in % of the terms. masked / clipped: terms passing no gradient (PPO clip, "
+            "DPPO/CPPO mask, TRM's rejected responses); capped: CISPO's min(ρ, C), MinPRO's "
+            "clipped weight or a rule's ratio_cap; prefix-budget share: CPPO's masks from the "
+            "budget, not the token threshold; D_t: the divergence the run computes (its "
+            "method's, else the logged one).",
         ],
         digits=3,
     )

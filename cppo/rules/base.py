@@ -205,8 +205,10 @@ def base_metrics(
     keep: Tensor | None,
     divergence: Tensor | None,
     outward: Tensor | None = None,
+    ratio_cap: float | None = None,
 ) -> dict[str, float]:
-    """Diagnostics shared by the rules (keys as in the metrics.jsonl contract)."""
+    """Diagnostics shared by the rules (keys as in the metrics.jsonl contract); with a ratio
+    cap, ``ratio/capped_fraction`` is the share of terms passing gradient whose rho exceeds it."""
     with torch.no_grad():
         r = ratio.detach()
         m: dict[str, float] = {"ratio/abs_dev_mean": masked_mean((r - 1.0).abs(), mask)}
@@ -217,4 +219,7 @@ def base_metrics(
             m["divergence/mean"] = masked_mean(torch.nan_to_num(d, posinf=0.0), mask)
         if outward is not None:
             m["outward/fraction"] = masked_mean(outward.to(r.dtype), mask)
+        if ratio_cap is not None:
+            passing = mask if keep is None else keep & mask
+            m["ratio/capped_fraction"] = masked_mean(((r > ratio_cap) & passing).to(r.dtype), mask)
     return m

@@ -440,7 +440,7 @@ def cppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     loss = masked_surrogate_loss(ratio, adv, gate.weight, mask, cfg["ratio_cap"])
 
-    metrics = base_metrics(mask, ratio, None, div, gate.outward)
+    metrics = base_metrics(mask, ratio, gate.keep, div, gate.outward, cfg["ratio_cap"])
     reduced = gate.token_violation | gate.prefix_violation
     n_reduced = int(reduced.sum())
     metrics["mask/fraction"] = masked_mean(reduced.to(_DT), mask)

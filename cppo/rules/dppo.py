@@ -65,5 +65,6 @@ def dppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     weight = keep.to(ratio.dtype)
     loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["ratio_cap"])
-    metrics = base_metrics(mask, ratio, keep, div, outward_mask(lr.detach(), adv) & mask)
+    outward = outward_mask(lr.detach(), adv) & mask
+    metrics = base_metrics(mask, ratio, keep, div, outward, cfg["ratio_cap"])
     return RuleOutput(per_token_loss=loss, keep=keep, weight=weight, metrics=metrics)

@@ -89,7 +89,7 @@ def grpo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
         ratio, lr, adv, mask, eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], dual_clip=c
     )
     outward = outward_mask(lr.detach(), adv) & mask
-    metrics = base_metrics(mask, ratio, keep, batch.divergence_2d(), outward)
+    metrics = base_metrics(mask, ratio, keep, batch.divergence_2d(), outward, cfg["ratio_cap"])
     if c is not None:
         r = ratio.detach()
         metrics["grpo/dual_clip_fraction"] = masked_mean(((adv < 0) & (r > c)).to(r.dtype), mask)

@@ -5,7 +5,9 @@ wrong types and out-of-range values raise :class:`RuleConfigError` naming the ke
 in defaults before the rule body sees it. Every rule accepts the common keys
 
 * ``rule``: the registry name (optional; must match when given),
-* ``loss_agg_mode`` / ``horizon``: how the caller should aggregate the per-token loss,
+* ``loss_agg_mode`` / ``horizon``: how the caller should aggregate the per-token loss
+  (``horizon``: the constant of ``seq-mean-token-sum-norm``, the padded response length; CPPO's
+  padded position horizon reads it too),
 * ``log_ratio_clamp``: clamp of log(pi/mu) before exp (default 20, None disables),
 
 and rules that read a divergence also accept ``divergence`` (kind), ``topk`` and

@@ -77,7 +77,7 @@ def _trm(batch: RuleBatch, cfg: dict[str, Any], reduce: str, threshold: float) -
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     weight = keep.to(ratio.dtype)
     loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["ratio_cap"])
-    metrics = base_metrics(mask, ratio, keep, kl, outward)
+    metrics = base_metrics(mask, ratio, keep, kl, outward, cfg["ratio_cap"])
     nonempty = mask.any(-1)
     n = int(nonempty.sum())
     metrics["trm/reject_fraction"] = float((~seq_keep & nonempty).sum()) / n if n else 0.0

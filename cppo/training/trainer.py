@@ -19,6 +19,7 @@ plumbing):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from cppo.training.validation import (
     vllm_engine_validation,
 )
 from cppo.training.vllm_rollout import pad_topk, split_vllm_logprobs
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_divergence(
@@ -163,7 +166,8 @@ class CPPOTrainer(GRPOTrainer):
         self._rule_cfg = rule.resolve(method)
         try:
             self._rule_keys = rule.metric_keys(self._rule_cfg)
-        except Exception:  # a plugin rule that needs more than a generic batch: log as it comes
+        except Exception as err:  # e.g. a plugin rule that needs more than a generic batch
+            logger.warning("rule %r: no key list from a probe batch (%s)", rule.name, err)
             self._rule_keys = []
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
