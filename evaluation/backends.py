@@ -10,6 +10,11 @@ Sampling is exactly "temperature + nucleus": no top-k, min-p, repetition penalty
 default a model's ``generation_config.json`` might carry (Qwen3 ships top_k=20, for instance).
 ``temperature == 0`` means greedy decoding. Every sample records whether it was cut at
 ``max_new_tokens`` (``truncated``: no end-of-sequence token was produced).
+
+Seeds: the transformers backend seeds each generation batch (see ``_batch_seed``); the vLLM
+backend seeds each (problem, sample) pair on its own (see :func:`sample_seed`), so a subset of
+the pairs, e.g. one process's share in sharded validation, samples exactly what it would in
+one call over all of them.
 """
 
 from __future__ import annotations
@@ -116,7 +121,16 @@ class TransformersBackend:
         max_new_tokens: int,
         seed: int,
         on_batch: Callable[[int], None] | None = None,
+        synced_gpus: bool | None = None,
     ) -> list[list[Sample]]:
+        """``n`` samples of each prompt, in prompt order.
+
+        ``synced_gpus`` goes to ``model.generate``; None leaves transformers' own choice, which
+        under ZeRO-3 / FSDP with several processes steps every process's decoding together (one
+        collective per token). Pass False when each process holds the whole model and generates
+        on its own, as in sharded validation on gathered weights: there the processes make
+        different numbers of calls and synced steps would wait on each other forever.
+        """
         import torch
         from transformers import GenerationConfig
 
@@ -160,6 +174,8 @@ class TransformersBackend:
         if tok.pad_token is None:  # padding needs some token; its id is masked out anyway
             tok.pad_token = tok.convert_ids_to_tokens(pad_id)
         devices = [device] if device.type == "cuda" else []
+        # only when set: a model's generate may not take it, and None is the default anyway
+        sync = {} if synced_gpus is None else {"synced_gpus": bool(synced_gpus)}
         try:
             model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
             for b, start in enumerate(range(0, len(flat), self.batch_size)):
@@ -176,6 +192,7 @@ class TransformersBackend:
                         input_ids=enc["input_ids"],
                         attention_mask=enc["attention_mask"],
                         generation_config=gen_config,
+                        **sync,
                     )
                 new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
                 for (p, s), ids in zip(chunk, new_tokens, strict=True):
@@ -208,25 +225,90 @@ class TransformersBackend:
         return Sample(text=text, n_tokens=n_tokens, truncated=truncated)
 
 
-class VLLMBackend:
-    """vLLM's offline ``LLM`` (GPU). vLLM is imported only when this backend is built.
+def sample_seed(seed: int, problem_index: int, sample_index: int, n: int) -> int:
+    """The seed of sample ``sample_index`` of problem ``problem_index`` when every problem gets
+    ``n`` samples: ``seed + problem_index * n + sample_index``.
 
-    Each prompt gets its own ``SamplingParams(n, temperature, top_p, top_k=-1, max_tokens,
-    seed=seed + prompt_index)``; the model's generation_config is ignored
-    (``generation_config="vllm"``) so only these parameters apply. ``truncated`` is
-    ``finish_reason == "length"``.
+    vLLM's ``SamplingParams.seed`` is per request, and the ``n`` children of a request are
+    seeded ``seed + j`` for child ``j`` (``ParentRequest._get_child_sampling_params`` in
+    ``vllm/v1/engine/parallel_sampling.py``). Seeding problem ``i``'s request with
+    ``seed + i * n`` therefore gives each (problem, sample) pair its own seed; ``seed + i``
+    would give problem ``i``'s sample ``j + 1`` the seed of problem ``i + 1``'s sample ``j``.
+    """
+    return int(seed) + int(problem_index) * int(n) + int(sample_index)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """``n`` samples of one prompt; sample ``j`` is drawn with seed ``seed + j`` (vLLM's rule)."""
+
+    prompt: str
+    n: int
+    seed: int
+
+
+def _is_path(model) -> bool:
+    return isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+
+
+def _is_engine(model) -> bool:
+    # duck-typed on vLLM's offline API, LLM.generate(prompts, sampling_params, ...)
+    return not _is_path(model) and callable(getattr(model, "generate", None))
+
+
+class VLLMBackend:
+    """vLLM's offline ``LLM`` (GPU): one built from a path / hub id, or a live engine.
+
+    Args:
+        model: a model directory / hub id (an ``LLM`` is built with ``generation_config="vllm"``
+            and ``llm_kwargs``), or a live engine: any object with vLLM's
+            ``generate(prompts, sampling_params, use_tqdm=...)``, such as the colocated engine of
+            a trainer. A live engine is used as it is (its weights, its memory settings).
+        tokenizer: tokenises the prompts; defaults to the engine's ``get_tokenizer()``. A string
+            is a tokenizer path (passed to ``LLM`` when building one, loaded otherwise).
+        sampling_params: builds one request's parameters from keyword arguments; defaults to
+            ``vllm.SamplingParams``, imported on first use.
+        progress: vLLM's own progress bar (``use_tqdm``).
+
+    Each prompt ``i`` is one request ``SamplingParams(n, temperature, top_p, top_k=-1,
+    max_tokens, seed=sample_seed(seed, i, 0, n))``: explicit parameters, so none of the model's
+    generation_config defaults apply. ``truncated`` is ``finish_reason == "length"``.
+    vLLM is imported only when a model is loaded or parameters are built.
     """
 
-    def __init__(self, model, tokenizer=None, *, revision: str | None = None, **llm_kwargs):
-        try:
-            import vllm
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "the vllm backend needs the `gpu` extra (pip install 'cppo-repro[gpu]')"
-            ) from exc
-        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__"):
-            raise TypeError("the vllm backend loads models by path or hub id")
-        self._vllm = vllm
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        revision: str | None = None,
+        sampling_params: Callable[..., object] | None = None,
+        progress: bool = True,
+        name: str | None = None,
+        **llm_kwargs,
+    ):
+        self._sampling_params = sampling_params
+        self.progress = progress
+        if _is_engine(model):
+            if revision or llm_kwargs:
+                raise ValueError(
+                    "revision and engine options apply only when the backend loads the model; "
+                    f"got {sorted([*llm_kwargs, *(['revision'] if revision else [])])}"
+                )
+            self.llm = model
+            if _is_path(tokenizer):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            self.tokenizer = tokenizer if tokenizer is not None else model.get_tokenizer()
+            self.name = name or type(model).__name__
+            return
+        if not _is_path(model):
+            raise TypeError(
+                "the vllm backend takes a model path / hub id or a live engine with vLLM's "
+                f"generate(prompts, sampling_params); got {type(model).__name__}"
+            )
+        vllm = _import_vllm()
         kwargs = {"generation_config": "vllm", **llm_kwargs}
         if revision:
             kwargs["revision"] = revision
@@ -234,7 +316,12 @@ class VLLMBackend:
             kwargs["tokenizer"] = tokenizer
         self.llm = vllm.LLM(model=str(model), **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.name = str(model)
+        self.name = name or str(model)
+
+    def _params(self, **kwargs) -> object:
+        if self._sampling_params is None:
+            self._sampling_params = _import_vllm().SamplingParams
+        return self._sampling_params(**kwargs)
 
     def generate(
         self,
@@ -247,26 +334,52 @@ class VLLMBackend:
         seed: int,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
-        vllm = self._vllm
+        requests = [
+            SampleRequest(prompt, n, sample_seed(seed, i, 0, n)) for i, prompt in enumerate(prompts)
+        ]
+        result = self.generate_requests(
+            requests, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+        )
+        if on_batch is not None:
+            on_batch(len(prompts) * n)
+        return result
+
+    def generate_requests(
+        self,
+        requests: Sequence[SampleRequest],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> list[list[Sample]]:
+        """Samples of each request, in request order (one ``LLM.generate`` call for all)."""
+        if not requests:
+            return []
+        if max_new_tokens < 1 or any(r.n < 1 for r in requests):
+            raise ValueError("n and max_new_tokens must be >= 1")
         greedy = temperature <= 0
         params = [
-            vllm.SamplingParams(
-                n=n,
+            self._params(
+                n=int(r.n),
                 temperature=0.0 if greedy else float(temperature),
                 top_p=1.0 if greedy else float(top_p),
                 top_k=-1,
                 max_tokens=int(max_new_tokens),
-                seed=int(seed) + i,
+                seed=int(r.seed),
             )
-            for i in range(len(prompts))
+            for r in requests
         ]
-        requests = [
-            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
-            for p in prompts
+        prompts = [
+            {"prompt_token_ids": self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"]}
+            for r in requests
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=True)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
+        if len(outputs) != len(requests):
+            raise RuntimeError(
+                f"the engine returned {len(outputs)} outputs for {len(requests)} requests"
+            )
         result = []
-        for request_output in outputs:
+        for request, request_output in zip(requests, outputs, strict=True):
             samples = [
                 Sample(
                     text=o.text,
@@ -275,14 +388,28 @@ class VLLMBackend:
                 )
                 for o in request_output.outputs
             ]
+            if len(samples) != request.n:
+                raise RuntimeError(f"the engine returned {len(samples)} samples, not {request.n}")
             result.append(samples)
-        if on_batch is not None:
-            on_batch(len(prompts) * n)
         return result
 
 
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the vllm backend needs the `gpu` extra (pip install 'cppo-repro[gpu]')"
+        ) from exc
+    return vllm
+
+
 def get_backend(name: str, *, model, tokenizer=None, **kwargs):
-    """Build a sampling backend by name ("transformers" or "vllm")."""
+    """Build a sampling backend by name ("transformers" or "vllm").
+
+    ``model`` is a path / hub id or, for "transformers", an in-memory model and, for "vllm", a
+    live engine (see :class:`VLLMBackend`).
+    """
     if name == "transformers":
         return TransformersBackend(model, tokenizer, **kwargs)
     if name == "vllm":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation import metrics
+from evaluation.backends import Sample
 from evaluation.benchmarks import Benchmark, load_benchmark
 from evaluation.grading import DEFAULT_MODE, DEFAULT_TIMEOUT, DEFAULT_WORKERS, grade_batch
 from evaluation.prompting import build_prompts
@@ -68,7 +69,24 @@ class EvalResult:
         return write_outputs(self, out_dir)
 
 
-def _summarise(
+def sample_row(problem_row: dict, index: int, sample: Sample) -> dict:
+    """An ungraded :data:`SAMPLE_KEYS` row for sample ``index`` of a benchmark problem."""
+    return {
+        "id": problem_row["id"],
+        "sample": index,
+        "gold": problem_row["answer"],
+        "completion": sample.text,
+        "extracted": None,
+        "correct": False,
+        "dapo_correct": False,
+        "math_verify_correct": None,
+        "grader_status": "ok",
+        "truncated": bool(sample.truncated),
+        "n_tokens": int(sample.n_tokens),
+    }
+
+
+def summarise(
     samples: list[dict],
     *,
     model: str,
@@ -82,6 +100,9 @@ def _summarise(
     n_timeouts: int,
     n_errors: int,
 ) -> dict:
+    """The :data:`SUMMARY_KEYS` summary of graded rows (only "id", "correct" and "truncated" are
+    read). Problems are taken in order of first appearance: the bootstrap interval depends on it.
+    """
     by_problem: dict[str, list[bool]] = {}
     for row in samples:
         by_problem.setdefault(row["id"], []).append(bool(row["correct"]))
@@ -108,7 +129,10 @@ def _summarise(
     return summary
 
 
-def _grade_rows(rows: list[dict], *, mode, timeout, workers, progress) -> tuple[int, int]:
+def grade_rows(
+    rows: list[dict], *, mode: str, timeout: float, workers: int, progress: bool
+) -> tuple[int, int]:
+    """Grade sample rows in place; returns (grader timeouts, grader errors)."""
     report = grade_batch(
         [r["completion"] for r in rows],
         [r["gold"] for r in rows],
@@ -168,26 +192,11 @@ def evaluate_benchmark(
     for problem_row, samples in zip(benchmark.rows, generated, strict=True):
         if len(samples) != k:
             raise RuntimeError(f"backend returned {len(samples)} samples, expected {k}")
-        for j, sample in enumerate(samples):
-            rows.append(
-                {
-                    "id": problem_row["id"],
-                    "sample": j,
-                    "gold": problem_row["answer"],
-                    "completion": sample.text,
-                    "extracted": None,
-                    "correct": False,
-                    "dapo_correct": False,
-                    "math_verify_correct": None,
-                    "grader_status": "ok",
-                    "truncated": bool(sample.truncated),
-                    "n_tokens": int(sample.n_tokens),
-                }
-            )
-    n_timeouts, n_errors = _grade_rows(
+        rows.extend(sample_row(problem_row, j, sample) for j, sample in enumerate(samples))
+    n_timeouts, n_errors = grade_rows(
         rows, mode=grading_mode, timeout=grader_timeout, workers=grader_workers, progress=progress
     )
-    summary = _summarise(
+    summary = summarise(
         rows,
         model=model_name or getattr(backend, "name", ""),
         benchmark=benchmark.name,
@@ -217,6 +226,7 @@ def evaluate_model(
     grading_mode: str = DEFAULT_MODE,
     grader_timeout: float = DEFAULT_TIMEOUT,
     grader_workers: int = DEFAULT_WORKERS,
+    chat_template_kwargs: dict | None = None,
     model_name: str | None = None,
 ) -> dict[str, dict]:
     """Avg@k summaries of an in-memory model (trainer in-loop validation).
@@ -226,7 +236,8 @@ def evaluate_model(
     with the model's train/eval mode restored afterwards. Grading uses the DAPO fast path in
     this process and the process-wide grader pool for the rest: the pool is started once per
     process and reused by every later call, so repeated validation pays no process start-up.
-    Returns ``{benchmark name: summary}``; the unweighted mean is
+    ``chat_template_kwargs`` go to ``apply_chat_template`` (e.g. ``{"enable_thinking": False}``
+    for Qwen3, as in training). Returns ``{benchmark name: summary}``; the unweighted mean is
     ``evaluation.metrics.mean_over_benchmarks({n: s["avg_at_k"] for n, s in result.items()})``.
     """
     from evaluation.backends import TransformersBackend
@@ -246,6 +257,7 @@ def evaluate_model(
             grading_mode=grading_mode,
             grader_timeout=grader_timeout,
             grader_workers=grader_workers,
+            chat_template_kwargs=chat_template_kwargs,
             model_name=model_name,
         )
         results[loaded.name] = result.summary
@@ -321,14 +333,14 @@ def regrade(
     stem = samples_path.name.removesuffix(".samples.jsonl")
     old_summary_path = samples_path.with_name(f"{stem}.summary.json")
     old = json.loads(old_summary_path.read_text()) if old_summary_path.exists() else {}
-    n_timeouts, n_errors = _grade_rows(
+    n_timeouts, n_errors = grade_rows(
         rows, mode=grading_mode, timeout=grader_timeout, workers=grader_workers, progress=progress
     )
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["id"]] = counts.get(row["id"], 0) + 1
     k = old.get("k", min(counts.values()))
-    summary = _summarise(
+    summary = summarise(
         rows,
         model=old.get("model", ""),
         benchmark=old.get("benchmark", stem),

@@ -7,9 +7,16 @@ import types
 
 import pytest
 import torch
+from fake_vllm import FakeEngine, FakeSamplingParams
 
-from evaluation.backends import Sample, TransformersBackend, VLLMBackend, get_backend
-from evaluation.testing import make_tiny_model
+from evaluation.backends import (
+    Sample,
+    TransformersBackend,
+    VLLMBackend,
+    get_backend,
+    sample_seed,
+)
+from evaluation.testing import make_char_tokenizer, make_tiny_model
 
 torch.set_num_threads(1)
 
@@ -71,6 +78,29 @@ def test_length_sorted_batches_return_results_in_prompt_order(tiny):
     assert widths == sorted(lengths)  # one prompt per batch, shortest first
     for prompt, samples in zip(prompts, got, strict=True):
         assert samples == [Sample(*_greedy_reference(model, tok, prompt, 10))]
+
+
+def test_synced_gpus_reaches_generate_only_when_set(tiny):
+    # sharded validation under ZeRO-3 turns transformers' synced decoding off; unset, generate
+    # keeps its own default
+    model, tok = tiny
+    backend = TransformersBackend(model, tok, batch_size=2)
+    seen = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("synced_gpus", "unset"))
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    kwargs = dict(n=2, temperature=0.7, top_p=0.95, max_new_tokens=4, seed=0)
+    try:
+        off = backend.generate(PROMPTS, synced_gpus=False, **kwargs)
+        default = backend.generate(PROMPTS, **kwargs)
+    finally:
+        del model.generate
+    assert seen == [False, False, "unset", "unset"]  # two batches per call
+    assert off == default  # one process: nothing to sync either way
 
 
 def test_sampling_shapes_truncation_and_seeds(tiny):
@@ -175,10 +205,70 @@ def test_vllm_adapter_maps_parameters_and_outputs(monkeypatch):
     requests, params = llm.calls[-1]
     tok = llm.get_tokenizer()
     assert requests[0]["prompt_token_ids"] == tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    # problem i's request is seeded seed + i * n: its children take seed + i * n + j
     assert [(p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed) for p in params] == [
         (3, 0.7, 0.95, -1, 64, 10),
-        (3, 0.7, 0.95, -1, 64, 11),
+        (3, 0.7, 0.95, -1, 64, 13),
     ]
     assert out[1] == [Sample("p1s0", 1, False), Sample("p1s1", 2, True), Sample("p1s2", 3, False)]
-    with pytest.raises(TypeError):
-        VLLMBackend(object())
+    with pytest.raises(TypeError, match="live engine"):
+        VLLMBackend(object())  # neither a path nor anything with generate()
+
+
+def test_vllm_backend_takes_a_live_engine_without_importing_vllm(monkeypatch):
+    # a live engine (the trainer's colocated one) used to raise TypeError here
+    monkeypatch.setitem(sys.modules, "vllm", None)  # any `import vllm` now fails
+    tok = make_char_tokenizer()
+    engine = FakeEngine(tok)
+    backend = get_backend("vllm", model=engine, sampling_params=FakeSamplingParams)
+    assert backend.llm is engine and backend.tokenizer is tok
+    out = backend.generate(PROMPTS, n=3, temperature=0.7, top_p=0.95, max_new_tokens=9, seed=4)
+    requests, params = engine.calls[-1]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    assert [r["prompt_token_ids"] for r in requests] == ids
+    assert [(p.n, p.seed, p.max_tokens, p.top_k) for p in params] == [(3, 4, 9, -1), (3, 7, 9, -1)]
+    # every sample is the engine's completion for (prompt, 4 + 3 * problem + sample)
+    for i, samples in enumerate(out):
+        for j, sample in enumerate(samples):
+            ref = FakeEngine.complete(ids[i], 4 + 3 * i + j, 9)
+            assert sample == Sample(ref.text, len(ref.token_ids), ref.finish_reason == "length")
+    with pytest.raises(ValueError, match="engine options"):
+        get_backend("vllm", model=engine, tensor_parallel_size=2)
+    with pytest.raises(ImportError):  # a path still needs vLLM itself
+        get_backend("vllm", model="some/model")
+
+
+def test_vllm_sampling_params_are_built_lazily_from_vllm(monkeypatch):
+    built = []
+
+    def sampling_params(**kw):
+        built.append(kw)
+        return FakeSamplingParams(**kw)
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = sampling_params
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    backend = get_backend("vllm", model=FakeEngine(make_char_tokenizer()), progress=False)
+    assert built == []
+    backend.generate(PROMPTS[:1], n=2, temperature=0.0, top_p=0.5, max_new_tokens=3, seed=1)
+    assert built == [
+        dict(n=2, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=3, seed=1)
+    ]  # greedy: no nucleus
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_sample_seeds_are_distinct_across_problems(n):
+    n_problems, seed = 30, 7
+    engine = FakeEngine(make_char_tokenizer())
+    backend = get_backend("vllm", model=engine, sampling_params=FakeSamplingParams)
+    prompts = [CHAT.format(f"problem {i}") for i in range(n_problems)]
+    backend.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_new_tokens=2, seed=seed)
+    _, params = engine.calls[-1]
+    # vLLM seeds child j of a request with seed + j: list every (problem, sample) seed
+    seeds = [p.seed + j for p in params for j in range(p.n)]
+    assert len(set(seeds)) == n_problems * n
+    assert seeds == list(range(seed, seed + n_problems * n))
+    assert seeds == [sample_seed(seed, i, j, n) for i in range(n_problems) for j in range(n)]
+    if n > 1:  # the old per-problem seeds (seed + i) alias across problems
+        old = [seed + i + j for i in range(n_problems) for j in range(n)]
+        assert len(set(old)) < len(old)

@@ -438,7 +438,10 @@ def test_select_checkpoints(tmp_path):
     assert sel["best"] == {"step": 0, "val_mean": 0.9, "path": "Qwen/X", "revision": "a" * 40}
     # a best step without a saved checkpoint is an error naming what exists
     write_run(run / ".." / "run2", {0: (0.1, 0.1), 2: (0.5, 0.5)}, train_recs(), checkpoints=(4,))
-    with pytest.raises(FileNotFoundError, match=r"step 2 has no checkpoint-2/ \(saved: \[4\]\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"step 2 has no snapshots/step-2/ or checkpoint-2/ \(saved: \[4\]\)",
+    ):
         runs.select_checkpoints(tmp_path / "run2", 6, "init")
     write_run(tmp_path / "run3", {2: (0.5, 0.5)}, train_recs(), final=False)
     with pytest.raises(FileNotFoundError, match="final"):

@@ -99,6 +99,10 @@ BROKEN = [
     (lambda c: _set(c, "data.train", {"source": "file"}), "data.train.path: missing required key"),
     (lambda c: _set(c, "figures", {"ablations": [{"name": "f", "methods": ["cppo_kl"]}]}),
      "figures.ablations[0].methods[0]: method 'cppo_kl' is not in run.methods"),
+    (lambda c: _set(c, "training.extra", {"snapshots": "none"}),
+     "training.extra.snapshots: 'none' keeps no model of a validated step"),
+    (lambda c: _set(c, "models.toy-s-2up.training", {"extra": {"snapshots": "none"}}),
+     "models.toy-s-2up.training.extra.snapshots: 'none'"),
 ]  # fmt: skip
 
 
@@ -106,6 +110,15 @@ BROKEN = [
 def test_broken_configs_are_rejected_naming_the_key(mutate, expected):
     errors = errors_of(mutate(toy()))
     assert any(expected in e for e in errors), errors
+
+
+def test_snapshots_none_is_fine_without_the_post_hoc_evaluation():
+    cfg = _set(toy(), "training.extra", {"snapshots": "none"})
+    with pytest.raises(ConfigError):
+        Plan(cfg)
+    cfg["evaluation"] = {"enabled": False}
+    assert Plan(cfg).runs
+    assert Plan(_set(toy(), "training.extra", {"snapshots": "best"})).runs
 
 
 def test_rule_params_are_checked_by_the_rule_registry():

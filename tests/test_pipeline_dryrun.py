@@ -120,8 +120,26 @@ def test_slurm_profile_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "gpu=8" in out and "slurm_partition=<GPU_PARTITION>" in out
-    assert "runtime=10080" in out  # the 30B model's wall time from the config
-    assert "accelerate launch" in out
+    assert "runtime=2880" in out  # the training wall time from the config
+    assert "accelerate launch --num_processes 8 --config_file" in out
+    # the 30B model: two 8-GPU nodes, one srun task per node starting accelerate
+    assert "gpu=16, nodes=2, tasks_per_node=8, cpus_per_task=8, mpi=srun" in out
+    assert "-- srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in out
+    # the resource check ran at parse time and printed its table
+    assert "Per-GPU memory of one training job" in proc.stderr
+    assert "Qwen3-30B-A3B-Base  2x8" in proc.stderr
+
+
+def test_infeasible_gpu_config_stops_snakemake_naming_the_model(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    cfg["models"]["Qwen3-8B-Base"]["schedule"]["micro_batch"] = 32  # the whole share per pass
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", configfiles=[bad])
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "models.Qwen3-8B-Base: needs" in out and "in the update phase" in out
+    assert "lower models.Qwen3-8B-Base.schedule.micro_batch" in out
 
 
 def test_local_profile_is_valid_yaml():

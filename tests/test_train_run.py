@@ -208,11 +208,12 @@ def test_cli_end_to_end(assets, tmp_path):
         "metrics.jsonl",
         "config.resolved.yaml",
         "DONE",
-        "checkpoint-2",
         "checkpoint-4",
         "final",
     ):
         assert (run / name).exists(), name
+    # keep_checkpoints: 1 rotated checkpoint-2 away
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert set(records[0]) == {

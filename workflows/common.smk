@@ -2,16 +2,28 @@
 # (cppo.pipeline.plan.Plan) plus small helpers. Kept free of rules on purpose.
 import json
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 
 from cppo.pipeline.config import ConfigError
 from cppo.pipeline.plan import Plan
+from cppo.pipeline.resources import check as resource_check
+from cppo.pipeline.resources import format_report
 
 try:
     PLAN = Plan(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+
+# Per-GPU memory, GPU-hours and disk of the GPU training jobs (cppo.pipeline.resources): a
+# config that cannot fit stops here, before anything is submitted; the table is printed once,
+# by the main process (dry runs included), not by every job.
+RESOURCES = resource_check(PLAN, workflow.basedir)
+if RESOURCES.rows and workflow.is_main_process:
+    print(format_report(RESOURCES), file=sys.stderr)
+if not RESOURCES.ok:
+    raise WorkflowError(str(ConfigError(RESOURCES.errors))) from None
 
 R = PLAN.root
 PIPE = "python -m cppo.pipeline"
@@ -56,7 +68,8 @@ def benchmark_files(names):
 
 
 def res(step, key):
-    """A resource of a per-model step (train, evaluate) as an input function of the wildcards."""
+    """A resource of a per-model step (train, evaluate) as an input function of the wildcards;
+    None leaves the resource out (e.g. `nodes` of a single-node job)."""
     return lambda w: PLAN.snakemake_resources(step, w.model)[key]
 
 

@@ -30,16 +30,25 @@ rule train:
         f"{R}/runs/{{model}}/{{method}}/seed{{seed}}/DONE",
     params:
         state=lambda w, output: os.path.dirname(output[0]),
-        trainer=lambda w: PLAN.train_command(w.method),
-        # CPU threads per trainer process (one process per GPU under accelerate)
-        omp=lambda w, threads: max(1, threads // max(1, PLAN.resources("train", w.model)["gpus"])),
+        trainer=lambda w: PLAN.train_command(w.method, w.model),
+        # CPU threads per trainer process (one process per GPU under accelerate); `threads` is
+        # the job's (per node), as granted (capped by --cores on a local run)
+        omp=lambda w, threads: max(1, threads // PLAN.processes_per_node(w.model)),
     log:
         f"{R}/logs/train/{{model}}/{{method}}/seed{{seed}}.log",
     threads: lambda w: PLAN.threads("train", w.model)
+    # a run longer than its wall time takes several jobs, each resuming from the last
+    # checkpoint: enough retries for the longest estimated run (None: the profile's --retries)
+    retries: RESOURCES.train_retries()
     resources:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        # multi-node jobs only (None otherwise): see Plan.snakemake_resources
+        nodes=res("train", "nodes"),
+        tasks_per_node=res("train", "tasks_per_node"),
+        cpus_per_task=res("train", "cpus_per_task"),
+        mpi=res("train", "mpi"),
     conda:
         lambda w: PLAN.env_file(w.model)
     shell:

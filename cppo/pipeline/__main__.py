@@ -2,7 +2,8 @@
 
 Commands used by the Snakemake rules: write, train-job, select, evaluate-run,
 export-benchmark, dapo, prefetch, aggregate, table, figure, summary, publish.
-For people: validate (check config files) and resolve (print one run's run.yaml).
+For people: validate (check config files), check-resources (per-GPU memory, GPU-hours and disk
+of the GPU training jobs; refuses a config that cannot fit) and resolve (print one run's run.yaml).
 """
 
 from __future__ import annotations
@@ -18,14 +19,34 @@ import yaml
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cppo.pipeline.config import ConfigError, load_config
     from cppo.pipeline.plan import Plan
+    from cppo.pipeline.resources import check
 
     try:
         plan = Plan(load_config(*args.configs))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
+    report = check(plan)
+    if not report.ok:
+        print(ConfigError(report.errors), file=sys.stderr)
+        return 1
     print(f"ok: profile {plan.profile}, {len(plan.runs)} training runs")
     return 0
+
+
+def _cmd_check_resources(args: argparse.Namespace) -> int:
+    from cppo.pipeline.config import ConfigError, load_config
+    from cppo.pipeline.plan import Plan
+    from cppo.pipeline.resources import check, format_report
+
+    try:
+        plan = Plan(load_config(*args.configs))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    report = check(plan)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
@@ -165,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check workflow config files (merged in order)")
     s.add_argument("configs", nargs="+")
     s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser(
+        "check-resources",
+        help="per-GPU memory, GPU-hours and disk of the GPU training jobs; exit 1 if one cannot fit",
+    )
+    s.add_argument("configs", nargs="+")
+    s.set_defaults(func=_cmd_check_resources)
 
     s = sub.add_parser("resolve", help="print the run.yaml of one {model, method, seed}")
     s.add_argument("configs", nargs="+")

@@ -34,6 +34,8 @@ SCHEDULE_KEYS = (
     "max_completion_length",
     "temperature",
 )
+# optional schedule keys, written into run.yaml only when given (absent = the trainer's default)
+OPTIONAL_SCHEDULE_KEYS = ("micro_batch",)
 
 # Defaults, filled in by normalize(); anything not here must be given by the config.
 SCHEDULE_DEFAULTS = {"learning_rate": 1e-6, "warmup_steps": 0, "temperature": 1.0}
@@ -67,10 +69,19 @@ RESOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
     "toy_data": {},
     "toy_model": {},
     "warm_start": {"threads": 2},
-    "train": {},
+    # an H100 80GB reports 81559 MiB = 79.6 GiB of device memory
+    "train": {"nodes": 1, "gpu_mem_gib": 79.6},
     "evaluate": {},
     "dapo": {"mem_mb": 16000},
 }
+# `accelerate launch` flags the pipeline sets from a model's train resources (Plan.train_command)
+ACCELERATE_MANAGED_FLAGS = (
+    "--num_processes",
+    "--num_machines",
+    "--machine_rank",
+    "--main_process_ip",
+    "--main_process_port",
+)
 DAPO_DEFAULTS = {
     "hub_id": "BytedTsinghua-SIA/DAPO-Math-17k",
     "filename": "data/dapo-math-17k.parquet",
@@ -275,6 +286,31 @@ def model_training(cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
     return deep_merge(cfg["training"], cfg["models"][model]["training"])
 
 
+def model_resources(cfg: Mapping[str, Any], step: str, model: str | None = None) -> dict[str, Any]:
+    """Resources of a step: resources.default, then resources.<step>, then (train, evaluate) the
+    model's own."""
+    res = cfg["resources"]
+    merged = {**res["default"], **res.get(step, {})}
+    if model is not None and step in ("train", "evaluate"):
+        merged.update(cfg["models"][model]["resources"][step])
+    return merged
+
+
+def train_processes_per_node(cfg: Mapping[str, Any], model: str) -> int:
+    """Trainer processes on each node: one per GPU under accelerate, one on CPU."""
+    return max(1, int(model_resources(cfg, "train", model).get("gpus", 0)))
+
+
+def train_world_size(cfg: Mapping[str, Any], model: str) -> int:
+    """Trainer processes of one run over all its nodes (the ZeRO-3 / data-parallel world)."""
+    nodes = int(model_resources(cfg, "train", model).get("nodes", 1))
+    return nodes * train_processes_per_node(cfg, model)
+
+
+def is_accelerate_launcher(launcher: str) -> bool:
+    return launcher.split()[:2] == ["accelerate", "launch"]
+
+
 # --- cross-reference checks ------------------------------------------------------------------
 
 
@@ -359,6 +395,8 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
                     f"{path}.schedule: prompts_per_iter ({ppi}) must equal minibatch x "
                     f"updates_per_iter ({mb} x {upi})"
                 )
+        errors.extend(_batch_errors(c, name, sched))
+        errors.extend(_node_errors(c, name))
         iters = sched.get("iterations")
         if iters is not None and model["t_stop"] > iters:
             errors.append(f"{path}.t_stop: {model['t_stop']} exceeds schedule.iterations {iters}")
@@ -372,6 +410,19 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
             errors.append(
                 f"{path}.training.save_every: {save_every} does not divide validation.every "
                 f"{val_every}; the best validated step would have no checkpoint"
+            )
+        if (
+            c["evaluation"]["enabled"]
+            and model_training(c, name)["extra"].get("snapshots") == "none"
+        ):
+            # the selection step picks the best validated step; without its snapshot only a
+            # best step of 0 (the initial model) or the last (final/) could be evaluated
+            own = "snapshots" in model["training"].get("extra", {})
+            errors.append(
+                f"{path + '.training' if own else 'training'}.extra.snapshots: 'none' keeps no "
+                "model of a validated step, but the post-hoc evaluation (evaluation.enabled) "
+                "evaluates each run's best validated step; use 'best' or 'all', or set "
+                "evaluation.enabled: false"
             )
         if model["source"] == "toy" and model["training"].get("backend") == "vllm":
             errors.append(f"{path}.training.backend: toy models run with 'transformers'")
@@ -404,6 +455,16 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
                     f"{path}.params.{key}: '{key}' is a method-level key, not a rule param"
                 )
 
+    launcher = c["commands"]["train"]["launcher"]
+    if is_accelerate_launcher(launcher):
+        words = launcher.split()
+        for flag in ACCELERATE_MANAGED_FLAGS:
+            if any(w == flag or w.startswith(f"{flag}=") for w in words):
+                errors.append(
+                    f"commands.train.launcher: remove {flag}; the pipeline sets it from each "
+                    "model's resources.train (nodes x gpus)"
+                )
+
     if c["paper_comparison"]:
         from cppo.pipeline.paper import paper_models
 
@@ -414,6 +475,48 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
                     f"run.models: '{name}' has no reported numbers (paper_comparison is on); "
                     f"paper models: {', '.join(known)}"
                 )
+    return errors
+
+
+def _batch_errors(c: Mapping[str, Any], name: str, sched: Mapping[str, Any]) -> list[str]:
+    """The minibatch must split evenly over the training processes, and micro_batch must divide
+    each process's share (cppo.training.schedule.plan_batches checks the same at start-up)."""
+    if not all(k in sched for k in ("minibatch", "n")):
+        return []
+    world = train_world_size(c, name)
+    responses = sched["minibatch"] * sched["n"]
+    path = f"models.{name}"
+    if responses % world:
+        return [
+            f"{path}.schedule: minibatch x n = {responses} responses per optimizer step do not "
+            f"split over {world} training processes (resources.train nodes x gpus)"
+        ]
+    share = responses // world
+    micro = sched.get("micro_batch")
+    if micro is not None and share % micro:
+        return [
+            f"{path}.schedule.micro_batch: {micro} does not divide the per-process share of a "
+            f"minibatch, {share} = minibatch x n / processes ({responses} / {world})"
+        ]
+    return []
+
+
+def _node_errors(c: Mapping[str, Any], name: str) -> list[str]:
+    res = model_resources(c, "train", name)
+    if res.get("nodes", 1) == 1:
+        return []
+    path = f"models.{name}.resources.train"
+    errors = []
+    if res.get("gpus", 0) < 2:
+        errors.append(
+            f"{path}.nodes: {res['nodes']} nodes need gpus >= 2 per node (one srun task per "
+            "node starts one trainer process per GPU)"
+        )
+    if not is_accelerate_launcher(c["commands"]["train"]["launcher"]):
+        errors.append(
+            f"{path}.nodes: training on {res['nodes']} nodes needs an `accelerate launch ...` "
+            "launcher in commands.train.launcher"
+        )
     return errors
 
 

@@ -121,11 +121,31 @@ def export_benchmark(name: str, out: str | Path) -> int:
 
 
 def prefetch_model(hub_id: str, revision: str, out: str | Path) -> dict[str, Any]:
-    """Download a hub model at a pinned commit into the HF cache; record where it is."""
-    from huggingface_hub import snapshot_download
+    """Put a hub model at a pinned commit into the HF cache; record where it is.
 
-    path = snapshot_download(repo_id=hub_id, revision=revision)
-    info = {"id": hub_id, "revision": revision, "path": path}
+    The train job does not read this marker: the trainer finds the snapshot with the same
+    local-only look-up (cppo.hub.cached_snapshot), so a compute node needs the same HF_HOME /
+    HF_HUB_CACHE and no network. That look-up is run here too, so a marker exists only for a
+    snapshot the trainer will find. An already complete snapshot is not downloaded again.
+    """
+    from cppo.hub import ModelNotCachedError, cached_snapshot, download_snapshot, hub_cache_dir
+
+    try:
+        path = cached_snapshot(hub_id, revision)
+    except ModelNotCachedError:
+        download_snapshot(hub_id, revision)
+        path = cached_snapshot(hub_id, revision)
+    if path.name != revision:
+        raise ValueError(
+            f"{hub_id}: revision {revision} resolved to snapshot {path.name}; pin the 40-hex commit"
+        )
+    info = {
+        "id": hub_id,
+        "revision": revision,
+        "commit": path.name,
+        "path": str(path),
+        "hub_cache": str(hub_cache_dir()),
+    }
     write_json(info, out)
     return info
 

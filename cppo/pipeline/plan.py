@@ -17,13 +17,22 @@ from typing import Any
 
 from cppo.pipeline import layout
 from cppo.pipeline.config import (
+    OPTIONAL_SCHEDULE_KEYS,
     TRUST_REGION_KEYS,
     ConfigError,
     deep_merge,
+    is_accelerate_launcher,
+    model_resources,
     model_schedule,
     model_training,
+    train_processes_per_node,
+    train_world_size,
     validate,
 )
+
+# Rendezvous port of a multi-node job: offset by the SLURM job id so that two jobs sharing a
+# node never collide.
+MAIN_PROCESS_PORT_BASE = 29500
 
 # Colour-blind-friendly palette (Okabe-Ito first, then tab10 extras), assigned in catalog order
 # to methods without an explicit colour so a method keeps its colour across figures.
@@ -300,16 +309,52 @@ class Plan:
 
     # --- resources and commands ---------------------------------------------------------------
     def resources(self, step: str, model: str | None = None) -> dict[str, Any]:
-        res = self.cfg["resources"]
-        merged = {**res["default"], **res.get(step, {})}
-        if model is not None and step in ("train", "evaluate"):
-            merged.update(self.cfg["models"][model]["resources"][step])
-        return merged
+        return model_resources(self.cfg, step, model)
+
+    def nodes(self, model: str) -> int:
+        return int(self.resources("train", model)["nodes"])
+
+    def processes_per_node(self, model: str) -> int:
+        """Trainer processes per node (one per GPU under accelerate; 1 on CPU)."""
+        return train_processes_per_node(self.cfg, model)
+
+    def world_size(self, model: str) -> int:
+        """Trainer processes of one run: nodes x processes per node."""
+        return train_world_size(self.cfg, model)
+
+    def threads_per_process(self, model: str) -> int:
+        """CPU threads of one trainer process: the job's (per-node) threads over its processes."""
+        return max(1, self.threads("train", model) // self.processes_per_node(model))
 
     def snakemake_resources(self, step: str, model: str | None = None) -> dict[str, Any]:
-        """The `resources:` of a job, in the names the local and SLURM executors read."""
+        """The `resources:` of a job, in the names the local and SLURM executors read.
+
+        A training job on more than one node also gets nodes, tasks_per_node (one task per GPU,
+        each with threads / gpus cores, so the allocation holds every core of every node) and
+        `mpi`, which makes the SLURM job step run the job's command as is: the command starts
+        its own `srun` over the nodes. gpu is then the job's total (sbatch --gpus). Keys that
+        are None are left out by Snakemake.
+        """
         res = self.resources(step, model)
-        return {"mem_mb": res["mem_mb"], "runtime": res["runtime"], "gpu": res.get("gpus", 0)}
+        out: dict[str, Any] = {
+            "mem_mb": res["mem_mb"],
+            "runtime": res["runtime"],
+            "gpu": res.get("gpus", 0),
+            "nodes": None,
+            "tasks_per_node": None,
+            "cpus_per_task": None,
+            "mpi": None,
+        }
+        if step == "train" and model is not None and self.nodes(model) > 1:
+            per_node = self.processes_per_node(model)
+            out.update(
+                gpu=self.nodes(model) * per_node,
+                nodes=self.nodes(model),
+                tasks_per_node=per_node,
+                cpus_per_task=self.threads_per_process(model),
+                mpi="srun",
+            )
+        return out
 
     def threads(self, step: str, model: str | None = None) -> int:
         return int(self.resources(step, model)["threads"])
@@ -318,16 +363,42 @@ class Plan:
         cmd = self.cfg["commands"][name]
         return f"{cmd['launcher']} {cmd['module']}"
 
-    def train_command(self, method: str) -> str:
-        """The trainer invocation (without --config); imports a rule's module first if needed."""
+    def train_command(self, method: str, model: str | None = None) -> str:
+        """The trainer invocation (without --config); imports a rule's module first if needed.
+
+        With a model and an `accelerate launch` launcher, the launch gets --num_processes (all
+        nodes' GPUs). On more than one node the command is one srun task per node, each running
+        `accelerate launch` with its node's rank and the first node as the rendezvous host;
+        the trainer's own arguments (--config, appended by train-job) reach it through "$@".
+        """
         cmd = self.cfg["commands"]["train"]
+        launcher = cmd["launcher"]
         module = self.cfg["methods"][method]["module"]
+        target = cmd["module"]
         if module:
-            return (
-                f"{cmd['launcher']} cppo.pipeline.launch --import {shlex.quote(module)} "
-                f"-- {cmd['module']}"
-            )
-        return f"{cmd['launcher']} {cmd['module']}"
+            target = f"cppo.pipeline.launch --import {shlex.quote(module)} -- {cmd['module']}"
+        if model is None or not is_accelerate_launcher(launcher):
+            return f"{launcher} {target}"
+        # "accelerate launch --config_file F -m" -> "--config_file F -m"
+        rest = [shlex.join(shlex.split(launcher)[2:])]
+        nodes = self.nodes(model)
+        flags = ["--num_processes", str(self.world_size(model))]
+        if nodes == 1:
+            return " ".join(["accelerate", "launch", *flags, *rest, target])
+        # expanded by each srun task on its own node (inside bash -c), not by the job's shell
+        flags += [
+            f"--num_machines {nodes}",
+            '--machine_rank "$SLURM_NODEID"',
+            '--main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            f'--main_process_port "$(({MAIN_PROCESS_PORT_BASE} + SLURM_JOB_ID % 10000))"',
+        ]
+        per_node = " ".join(["exec accelerate launch", *flags, *rest, target, '"$@"'])
+        srun = (
+            f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1"
+            f" --cpus-per-task={self.threads('train', model)}"
+            f" --gpus-per-node={self.processes_per_node(model)} --kill-on-bad-exit=1"
+        )
+        return f"{srun} bash -c {shlex.quote(per_node)} cppo-train"
 
     def toy_args(self, step: str) -> str:
         return format_cli_args(self.cfg["toy"][step]["args"])
@@ -414,6 +485,9 @@ class Plan:
             "max_completion_length": sched["max_completion_length"],
             "temperature": sched["temperature"],
         }
+        for key in OPTIONAL_SCHEDULE_KEYS:
+            if sched.get(key) is not None:
+                cfg["schedule"][key] = sched[key]
         cfg["validation"] = {
             "every": val["every"] * upi,
             "benchmarks": [self.benchmark_path(b) for b in val["benchmarks"]],
@@ -430,7 +504,11 @@ class Plan:
         cfg["use_cpu"] = training["use_cpu"]
         cfg["report_to"] = training["report_to"]
         cfg["save_every"] = save_iters * upi
-        cfg["threads"] = self.threads("train", model)
+        if self.t_stop_steps(model) < sched["iterations"] * upi:
+            # snapshots: best keeps the best validation the selection can pick (within T_stop)
+            cfg["snapshot_best_within"] = self.t_stop_steps(model)
+        # per process: each of a node's trainer processes would otherwise claim every core
+        cfg["threads"] = self.threads_per_process(model)
         for key, value in training["extra"].items():
             if key in cfg:
                 raise ValueError(f"training.extra.{key}: would overwrite a resolved run.yaml key")

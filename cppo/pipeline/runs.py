@@ -1,7 +1,9 @@
 """Reading a trainer run directory and selecting its checkpoints.
 
 Run directory (written by `python -m cppo.train`): metrics.jsonl (one JSON object per optimizer
-step, kind "train" or "validation"), checkpoint-<step>/ (HF model dirs), final/, DONE.
+step, kind "train" or "validation"), snapshots/step-<step>/ (model-only HF directories with the
+tokenizer, at validated steps; see cppo.training.checkpoints), checkpoint-<step>/ (full resumable
+trainer checkpoints, rotated), final/, DONE.
 """
 
 from __future__ import annotations
@@ -125,24 +127,56 @@ def validation_collapse_step(
     return None
 
 
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the trainer writes the model-only snapshot of optimizer step `step`."""
+    return Path(run_dir) / SNAPSHOTS / f"step-{step}"
+
+
+def _model_dirs(run_dir: Path) -> list[tuple[Path, str]]:
+    """(parent, name prefix) of every kind of saved model, in the order they are preferred: the
+    snapshot first, then a full checkpoint (runs from before snapshots, or a surviving one)."""
+    return [
+        (run_dir / SNAPSHOTS, "step-"),
+        (run_dir, "checkpoint-"),
+        (run_dir / "checkpoints", "checkpoint-"),
+    ]
+
+
 def find_checkpoint(run_dir: str | Path, step: int) -> Path | None:
-    run_dir = Path(run_dir)
-    for cand in (run_dir / f"checkpoint-{step}", run_dir / "checkpoints" / f"checkpoint-{step}"):
+    """The saved model of `step`: snapshots/step-<step>/, else checkpoint-<step>/."""
+    for parent, prefix in _model_dirs(Path(run_dir)):
+        cand = parent / f"{prefix}{step}"
         if cand.is_dir():
             return cand
     return None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[int]:
-    run_dir = Path(run_dir)
+    """Steps with a saved model (snapshot or full checkpoint)."""
     steps = set()
-    for parent in (run_dir, run_dir / "checkpoints"):
+    for parent, prefix in _model_dirs(Path(run_dir)):
         if parent.is_dir():
-            for d in parent.glob("checkpoint-*"):
-                suffix = d.name.split("-", 1)[1]
+            for d in parent.glob(f"{prefix}*"):
+                suffix = d.name[len(prefix) :]
                 if d.is_dir() and suffix.isdigit():
                     steps.add(int(suffix))
     return sorted(steps)
+
+
+def _initial_model_dir(model: str, revision: str | None) -> tuple[str, str | None]:
+    """A pinned hub model as its local snapshot directory when it is cached, so the evaluation
+    of step 0 reads the same files as training did and needs no network; else (id, revision)."""
+    if not revision or Path(model).is_dir():
+        return model, revision
+    from cppo.hub import ModelNotCachedError, cached_snapshot
+
+    try:
+        return str(cached_snapshot(model, revision)), None
+    except ModelNotCachedError:
+        return model, revision
 
 
 def select_checkpoints(
@@ -153,9 +187,11 @@ def select_checkpoints(
 ) -> dict[str, Any]:
     """Best (in-loop val/mean within [0, T_stop]) and final checkpoints of a finished run.
 
-    The best step's model is checkpoint-<step>; step 0 is the initial model; the last step may be
-    final/. A best step without a saved model is an error: the trainer must save at every
-    validated step (the pipeline sets save_every to the validation interval).
+    The best step's model is its snapshot (snapshots/step-<step>/, or checkpoint-<step>/ in a
+    run directory from before snapshots); step 0 is the initial model (a pinned hub model as its
+    cached snapshot directory when there is one); the last step is final/. A best step without a
+    saved model is an error: with `snapshots: best` the trainer keeps exactly that snapshot when
+    its run.yaml `snapshot_best_within` matches `t_stop_steps`.
     """
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -179,13 +215,13 @@ def select_checkpoints(
     if ckpt is not None:
         path = str(ckpt)
     elif step == 0:
-        path, revision = initial_model, initial_revision
+        path, revision = _initial_model_dir(initial_model, initial_revision)
     elif step == last:
         path = str(final_dir)
     else:
         raise FileNotFoundError(
-            f"{run_dir}: best validation step {step} has no checkpoint-{step}/ "
-            f"(saved: {list_checkpoints(run_dir) or 'none'})"
+            f"{run_dir}: best validation step {step} has no {SNAPSHOTS}/step-{step}/ or "
+            f"checkpoint-{step}/ (saved: {list_checkpoints(run_dir) or 'none'})"
         )
     out["best"] = {"step": step, "val_mean": best[VAL_MEAN], "path": path}
     if revision:

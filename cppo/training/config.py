@@ -127,9 +127,9 @@ def grpo_config_from_run(
     report_to = "none" if run["report_to"] == "none" else ["wandb"]
     # fp32 master weights in every setup: bf16 is autocast (DDP) or DeepSpeed's bf16 mode with fp32
     # optimizer state; AdamW on bf16 weights would lose lr-1e-6 updates to rounding.
+    # No revision: run_training loads a local directory (a hub id + model_revision is resolved to
+    # its cached snapshot first, cppo.hub), the same one for the policy, tokenizer and vLLM engine.
     model_init_kwargs: dict[str, Any] = {"dtype": "float32"}
-    if run["model_revision"]:
-        model_init_kwargs["revision"] = run["model_revision"]
     cfg = CPPOConfig(
         output_dir=run["output_dir"],
         run_name=run["run_name"],
@@ -203,7 +203,9 @@ def grpo_config_from_run(
         logging_first_step=False,
         save_strategy="steps",
         save_steps=run["save_every"],
-        save_total_limit=run["save_total_limit"],
+        # rotation is cppo.training.checkpoints' (by step number, keep_checkpoints); TRL's sorts
+        # by mtime
+        save_total_limit=None,
         save_only_model=False,
         eval_strategy="no",
         report_to=report_to,

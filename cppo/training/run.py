@@ -1,10 +1,16 @@
 """One training run from a validated run config: run directory, resume, final model, DONE marker.
 
 Run directory: config.resolved.yaml (written first), metrics.jsonl, checkpoint-<step>/ (TRL /
-transformers checkpoints, always at rollout-iteration boundaries), final/ (HF model dir with the
-tokenizer), DONE (written last). Re-running the same command resumes from the last checkpoint;
-metrics records written after that checkpoint by the interrupted process are dropped first, so
-the resumed file equals an uninterrupted run's (time and throughput aside).
+transformers checkpoints, always at rollout-iteration boundaries, the newest `keep_checkpoints`
+kept), snapshots/step-<step>/ (model-only, at validated steps; cppo.training.checkpoints),
+final/ (HF model dir with the tokenizer), DONE (written last, with the model's provenance).
+Re-running the same command resumes from the last checkpoint; metrics records and snapshots
+written after that checkpoint by the interrupted process are dropped first, so the resumed file
+equals an uninterrupted run's (time and throughput aside).
+
+A hub model (`model: <id>`, `model_revision: <commit>`) is loaded from its snapshot directory in
+the local Hugging Face cache (cppo.hub): the policy, the tokenizer and the vLLM engine all read
+that one directory, and HF_HUB_OFFLINE=1 works once the snapshot is cached.
 """
 
 from __future__ import annotations
@@ -13,30 +19,20 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cppo.hub import ResolvedModel, resolve_model
 from cppo.training.runconfig import RunConfigError, dump_run_config
 
 log = logging.getLogger(__name__)
 
-# Keys that may differ between the original and a resumed invocation.
-RESUME_MUTABLE_KEYS = ("threads", "report_to", "wandb")
-
-
-def _checkpoint_step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json present) in run_dir."""
-    candidates = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(candidates, key=_checkpoint_step) if candidates else None
+# Keys that may differ between the original and a resumed invocation (keep_checkpoints: to free
+# disk mid-run; the checkpoint selection reads snapshots, not full checkpoints).
+RESUME_MUTABLE_KEYS = ("threads", "report_to", "wandb", "keep_checkpoints")
 
 
 def _check_resume_config(path: Path, cfg: dict[str, Any]) -> None:
@@ -72,6 +68,21 @@ def _setup_env(cfg: dict[str, Any], run_dir: Path) -> None:
         os.environ["WANDB_RESUME"] = "allow"
 
 
+def resolve_run_model(cfg: dict[str, Any]) -> ResolvedModel:
+    """The local directory the run loads its model from (see the module doc); hub downloads, when
+    the snapshot is not cached and the hub is reachable, happen on each node's first process
+    first."""
+    from accelerate import PartialState
+
+    try:
+        # per node: with a node-local HF_HOME every node downloads, and all the processes of a
+        # node would otherwise fetch at once; on a shared cache the hub's file locks serialise
+        with PartialState().local_main_process_first():
+            return resolve_model(cfg["model"], cfg["model_revision"])
+    except ValueError as err:
+        raise RunConfigError(str(err)) from err
+
+
 def run_training(
     cfg: dict[str, Any],
     *,
@@ -87,6 +98,13 @@ def run_training(
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
+    from cppo.training.checkpoints import (
+        SNAPSHOT_DTYPES,
+        CheckpointPolicy,
+        checkpoint_step,
+        drop_snapshots_after,
+        last_checkpoint,
+    )
     from cppo.training.config import grpo_config_from_run
     from cppo.training.data import build_train_dataset
     from cppo.training.diagnostics import truncate_metrics
@@ -106,8 +124,10 @@ def run_training(
     if state.is_main_process and not resolved.exists():
         dump_run_config(cfg, resolved)
 
+    model = resolve_run_model(cfg)
+    log.info("model %s: loading %s", cfg["model"], model.path)
     tokenizer = AutoTokenizer.from_pretrained(
-        cfg["model"], revision=cfg["model_revision"], padding_side="left", truncation_side="left"
+        str(model.path), padding_side="left", truncation_side="left"
     )
     dataset, dropped = build_train_dataset(
         cfg["train_data"],
@@ -126,13 +146,15 @@ def run_training(
     checkpoint = last_checkpoint(run_dir)
     if state.is_main_process:
         if checkpoint is not None:
-            truncate_metrics(args.metrics_path, _checkpoint_step(checkpoint))
+            truncate_metrics(args.metrics_path, checkpoint_step(checkpoint))
         elif args.metrics_path.exists():
             args.metrics_path.unlink()  # a run killed before its first checkpoint restarts from scratch
+        # snapshots after the checkpoint belong to steps the resume recomputes
+        drop_snapshots_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
     state.wait_for_everyone()
 
     trainer = CPPOTrainer(
-        model=cfg["model"],
+        model=str(model.path),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -140,6 +162,18 @@ def run_training(
         reward_funcs=reward_funcs,
         validation_fn=validation_fn,
         progress=progress,
+    )
+    trainer.add_callback(
+        CheckpointPolicy(
+            trainer,
+            run_dir,
+            keep_checkpoints=None if cfg["keep_checkpoints"] == "all" else cfg["keep_checkpoints"],
+            snapshots=cfg["snapshots"],
+            snapshot_dtype=SNAPSHOT_DTYPES[cfg["snapshot_dtype"]],
+            best_within=cfg["snapshot_best_within"],
+            validation=cfg["validation"],
+            metrics_path=args.metrics_path,
+        )
     )
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -154,6 +188,7 @@ def run_training(
             "resumed_from": checkpoint.name if checkpoint else None,
             "wall_time_s": round(time.time() - started, 3),
             "prompts_dropped": dropped,
+            "model": model.provenance(),
         }
         (run_dir / "DONE").write_text(json.dumps(done, indent=2) + "\n")
     state.wait_for_everyone()

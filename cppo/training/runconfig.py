@@ -55,6 +55,11 @@ def _choice(*options: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _keep(v: Any) -> str | None:
+    ok = v == "all" or (isinstance(v, int) and v > 0)
+    return None if ok else "must be a positive number of checkpoints or 'all'"
+
+
 def _unit_interval(v: Any) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
@@ -116,7 +121,16 @@ SCHEMA: dict[str, Any] = {
     "use_cpu": Key(BOOL, True),
     "report_to": Key(STR, "none", _choice("none", "wandb")),
     "save_every": Key(OPT_INT, None, doc="optimizer steps, a multiple of updates_per_iter"),
-    "save_total_limit": Key(OPT_INT, None, doc="checkpoints kept; default all"),
+    # What stays on disk (cppo.training.checkpoints): the newest full checkpoints for a resume,
+    # and model-only snapshots at validated steps for the post-hoc evaluation.
+    "keep_checkpoints": Key((int, str), 1, _keep, doc="full checkpoints kept, or 'all'"),
+    "snapshots": Key(STR, "best", _choice("all", "best", "none"), doc="validated steps kept"),
+    "snapshot_dtype": Key(
+        STR, "auto", _choice("auto", "float32", "bfloat16"), doc="auto: bfloat16 if bf16"
+    ),
+    "snapshot_best_within": Key(
+        OPT_INT, None, _positive, doc="snapshots: best looks at steps <= this; null = all"
+    ),
     "threads": Key(OPT_INT, None),
     "gradient_checkpointing": Key(BOOL, False),
     "cast_lm_head_to_fp32": Key(BOOL, False),
@@ -206,8 +220,16 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
+# Keys that were renamed: a clear message instead of "unknown key".
+RENAMED = {"save_total_limit": "keep_checkpoints"}
+
+
 def validate_run_config(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a run config against SCHEMA and return it with every default filled in."""
+    if isinstance(raw, dict):
+        for old, new in RENAMED.items():
+            if old in raw:
+                raise RunConfigError(f"run.yaml: '{old}' is now '{new}'")
     cfg = _check_section(raw, SCHEMA, "")
     method = cfg["method"]
     if not isinstance(method.get("rule"), str) or not method["rule"]:
@@ -232,6 +254,10 @@ def validate_run_config(raw: dict[str, Any]) -> dict[str, Any]:
             f"run.yaml: 'save_every' ({cfg['save_every']}) must be a positive multiple of "
             f"schedule.updates_per_iter ({updates}) so checkpoints fall on iteration boundaries"
         )
+    if cfg["snapshot_dtype"] == "auto":
+        # the precision the model runs in: bf16 training keeps bf16 snapshots, an fp32 run
+        # (CPU) keeps the exact weights
+        cfg["snapshot_dtype"] = "bfloat16" if cfg["bf16"] else "float32"
     val = cfg["validation"]
     if val["every"] and not val["benchmarks"]:
         raise RunConfigError("run.yaml: 'validation.benchmarks' is empty but validation.every > 0")

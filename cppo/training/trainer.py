@@ -29,6 +29,7 @@ import torch
 from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
@@ -43,6 +44,7 @@ from cppo.training.diagnostics import TRAIN_KEYS, MetricsWriter, StepAccumulator
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
 from cppo.training.rewards import DapoReward
 from cppo.training.validation import (
+    Shard,
     ValidationFn,
     evaluate_in_memory,
     preserved_rng,
@@ -570,9 +572,14 @@ class CPPOTrainer(GRPOTrainer):
             self.run_validation(step)
 
     def run_validation(self, step: int) -> dict[str, Any] | None:
-        """Avg@k on the validation benchmarks; writes and returns the validation record."""
+        """Avg@k on the validation benchmarks; writes and returns the validation record.
+
+        The built-in validation runs on every process, each sampling its shard of the
+        (problem, sample) pairs (see cppo.training.validation); a user-supplied validation_fn
+        runs on the main process while the others wait, and gets the ValidationFn keywords only.
+        """
         val = self.args.validation
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             k=val["k"],
             temperature=val["temperature"],
             top_p=val["top_p"],
@@ -580,42 +587,66 @@ class CPPOTrainer(GRPOTrainer):
             seed=val["seed"],
             batch_size=val["batch_size"],
         )
+        benchmarks = list(val["benchmarks"])
+        is_main = self.accelerator.is_main_process
+        gather_weights = self.args.ds3_gather_for_generation
         started = time.perf_counter()
-        record = None
+        summaries = None
         with (
-            self._validation_sampler() as (fn, uses_engine),
+            self._validation_sampler() as (fn, uses_engine, group_size),
             preserved_rng(self.accelerator.device),
         ):
+            every_rank = group_size > 0  # the built-in functions
+            if every_rank:
+                kwargs["shard"] = Shard(
+                    self.accelerator.process_index, self.accelerator.num_processes, group_size
+                )
+                template_kwargs = getattr(self, "chat_template_kwargs", None)
+                if template_kwargs:
+                    # the chat template options of the training prompts (e.g. Qwen3's
+                    # enable_thinking); not for a user function, whose keywords are fixed
+                    kwargs["chat_template_kwargs"] = dict(template_kwargs)
+            if every_rank and not uses_engine:
+                if (
+                    not gather_weights
+                    and self.accelerator.num_processes > 1
+                    and is_deepspeed_zero3_enabled()
+                ):
+                    raise ValueError(
+                        "in-memory validation shards the problems over the processes, each "
+                        "generating on the whole model: under ZeRO-3 it needs "
+                        "ds3_gather_for_generation=True"
+                    )
+                # Each process samples its own problems on the gathered weights. transformers
+                # would step all processes' decoding together under ZeRO-3 (synced_gpus), which
+                # hangs when they make different numbers of generate calls (an empty shard
+                # makes none) and then meet in the gather of the grades.
+                kwargs["synced_gpus"] = False
             if uses_engine:
                 # the engine holds the synced weights: no need to gather the trainer's copy
-                if self.accelerator.is_main_process:
-                    summaries = fn(None, self.processing_class, list(val["benchmarks"]), **kwargs)
-                    record = validation_record(step, summaries, val["k"])
-                    self._writer.write(record)
+                summaries = fn(None, self.processing_class, benchmarks, **kwargs)
                 self.accelerator.wait_for_everyone()
             else:
                 with unwrap_model_for_generation(
                     self.model_wrapped,
                     self.accelerator,
-                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                    gather_deepspeed3_params=gather_weights,
                 ) as unwrapped:
                     was_training = unwrapped.training
                     unwrapped.eval()
                     try:
-                        if self.accelerator.is_main_process:
+                        if every_rank or is_main:
                             with torch.no_grad():
                                 summaries = fn(
-                                    unwrapped,
-                                    self.processing_class,
-                                    list(val["benchmarks"]),
-                                    **kwargs,
+                                    unwrapped, self.processing_class, benchmarks, **kwargs
                                 )
-                            record = validation_record(step, summaries, val["k"])
-                            self._writer.write(record)
                     finally:
                         unwrapped.train(was_training)
                     self.accelerator.wait_for_everyone()
-        if record is not None:
+        record = None
+        if is_main and summaries is not None:
+            record = validation_record(step, summaries, val["k"])
+            self._writer.write(record)
             logs = {k: v for k, v in record.items() if k.startswith("val/") and v is not None}
             logs["val/time_s"] = time.perf_counter() - started
             # straight to the trackers: TRL's log() would fold in (and clear) training metrics
@@ -624,26 +655,28 @@ class CPPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _validation_sampler(self):
-        """The validation function; with a colocated single-GPU vLLM engine, that engine (synced)."""
-        fn: Callable[..., dict] = self._validation_fn
-        vg = getattr(self, "vllm_generation", None)
-        # with tensor parallelism the TP group would have to generate together: use HF generate
-        use_engine = (
-            fn is evaluate_in_memory
-            and self.use_vllm
-            and self.args.vllm_mode == "colocate"
-            and self.args.vllm_tensor_parallel_size == 1
-        )
+        """Yields (validation function, samples with the vLLM engine?, shard group size).
+
+        The group size is 0 for a user-supplied function (main process only), else the number
+        of consecutive ranks that compute one shard together: 1, or with a colocated vLLM
+        engine the tensor-parallel size (TRL's TP groups are consecutive ranks sharing one
+        engine, which must see identical requests). With a colocated engine the built-in
+        validation samples with it, synced to the current weights.
+        """
+        fn: Callable[..., Any] = self._validation_fn
+        builtin = fn is evaluate_in_memory
+        use_engine = builtin and self.use_vllm and self.args.vllm_mode == "colocate"
         if not use_engine:
-            yield fn, False
+            yield fn, False, 1 if builtin else 0
             return
+        vg = self.vllm_generation
         vg.sync_weights()  # collective under ZeRO-3: every rank takes part
         self._last_loaded_step = self.state.global_step
         engine_fn = vllm_engine_validation(vg.llm)
         if vg.enable_sleep_mode:
             vg.llm.wake_up(tags=["kv_cache"])
         try:
-            yield (engine_fn, True) if engine_fn is not None else (fn, False)
+            yield engine_fn, True, int(self.args.vllm_tensor_parallel_size)
         finally:
             if vg.enable_sleep_mode:
                 vg.llm.sleep(level=2)
