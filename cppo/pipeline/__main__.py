@@ -16,17 +16,30 @@ from pathlib import Path
 import yaml
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _checked_plan(configs: list[str]):
+    """(plan, resource report) of config files, or None after printing the config error."""
     from cppo.pipeline.config import ConfigError, load_config
     from cppo.pipeline.plan import Plan
     from cppo.pipeline.resources import check
 
     try:
-        plan = Plan(load_config(*args.configs))
+        plan = Plan(load_config(*configs))
     except ConfigError as err:
         print(err, file=sys.stderr)
+        return None
+    except OSError as err:
+        print(f"cannot read config file {err.filename}: {err.strerror}", file=sys.stderr)
+        return None
+    return plan, check(plan)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cppo.pipeline.config import ConfigError
+
+    checked = _checked_plan(args.configs)
+    if checked is None:
         return 1
-    report = check(plan)
+    plan, report = checked
     if not report.ok:
         print(ConfigError(report.errors), file=sys.stderr)
         return 1
@@ -35,18 +48,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_resources(args: argparse.Namespace) -> int:
-    from cppo.pipeline.config import ConfigError, load_config
-    from cppo.pipeline.plan import Plan
-    from cppo.pipeline.resources import check, format_report
+    from cppo.pipeline.resources import format_report
 
-    try:
-        plan = Plan(load_config(*args.configs))
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    checked = _checked_plan(args.configs)
+    if checked is None:
         return 1
-    report = check(plan)
-    print(format_report(report))
-    return 0 if report.ok else 1
+    print(format_report(checked[1]))
+    return 0 if checked[1].ok else 1
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
