@@ -48,6 +48,6 @@ rule all:
     default_target: True
     input:
         f"{R}/summary.md",
-        expand("{root}/tables/{name}.{ext}", root=R, name=PLAN.table_names(), ext=TABLE_EXTS),
-        expand("{root}/figures/{name}.{ext}", root=R, name=PLAN.figure_names(), ext=FIG_EXTS),
+        expand("{root}/tables/{name}.{ext}", root=R, name=TABLE_NAMES, ext=TABLE_EXTS),
+        expand("{root}/figures/{name}.{ext}", root=R, name=FIGURE_NAMES, ext=FIG_EXTS),
         [f"{R}/publish/wandb.json"] if PLAN.cfg["publish"]["wandb"]["enabled"] else [],

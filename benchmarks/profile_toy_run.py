@@ -65,6 +65,7 @@ def main() -> int:
 
     from cppo.training.runconfig import load_run_config
     from cppo.training.trainer import CPPOTrainer
+    from cppo.training.validation_callback import InLoopValidation
 
     cfg = load_run_config(ns.config)
     if Path(cfg["output_dir"]).exists():
@@ -73,7 +74,7 @@ def main() -> int:
     wrap(Trainer, "training_step", "updates (forward, backward)")
     wrap(CPPOTrainer, "_generate_and_score_completions", "mu recording and rewards")
     wrap(GRPOTrainer, "_generate", "rollout generation")
-    wrap(CPPOTrainer, "run_validation", "in-loop validation")
+    wrap(InLoopValidation, "run", "in-loop validation")
     wrap(Trainer, "_save_checkpoint", "checkpoints")
 
     from cppo.training.run import run_training

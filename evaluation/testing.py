@@ -1,14 +1,20 @@
 """Test helpers: a tiny random Qwen3 model with a character-level tokenizer and a chat template
-(smoke tests of backends and lm-eval tasks with no download; its outputs are noise), and a set
-of hostile completions that have hung or crashed math graders.
+(smoke tests of backends, lm-eval tasks and the trainer with no download; its outputs are noise),
+and a set of hostile completions that have hung or crashed math graders.
+
+The tokenizer and model come from the one builder, evaluation.tiny (which also builds the toy
+pipeline's); this module fixes the test size and the test chat template.
 """
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+if TYPE_CHECKING:  # imported on use: hostile_completions needs neither torch nor transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+# Plain ChatML (no generation markers), written so that tests can patch the generation prompt.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -17,62 +23,54 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_char_tokenizer():
-    """A fast tokenizer with one token per printable ASCII character (others map to <unk>)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def tiny_preset(
+    hidden_size: int = 32, num_hidden_layers: int = 2, tie_word_embeddings: bool = True
+) -> dict[str, Any]:
+    """The unit-test size preset (keys as in cppo/toy/presets.yaml)."""
+    return {
+        "architecture": "qwen3",
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": hidden_size // 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
 
-    chars = sorted(set(string.printable))
-    vocab = {"<unk>": 0}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+
+def make_char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (others map to <unk>) plus the ChatML specials;
+    `vocab_size` pads the vocabulary with filler tokens."""
+    from evaluation.tiny import build_tokenizer
+
+    return build_tokenizer(
+        vocab_size=vocab_size,
+        model_max_length=4096,
+        padding_side="right",
+        chat_template=CHAT_TEMPLATE,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
-def make_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, hidden_size: int = 32):
+def make_tiny_model(
+    out_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    tie_word_embeddings: bool = True,
+    vocab_size: int | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build (model, tokenizer); save both as a standard HF directory when ``out_dir`` is given."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from evaluation.tiny import build_model, save_pretrained_dir
 
-    tokenizer = make_char_tokenizer()
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden_size // 2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    tokenizer = make_char_tokenizer(vocab_size)
+    preset = tiny_preset(hidden_size, num_hidden_layers, tie_word_embeddings)
+    model = build_model(preset, tokenizer, seed=seed)
     model.eval()
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_pretrained_dir(model, tokenizer, out_dir)
     return model, tokenizer
 
 

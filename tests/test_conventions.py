@@ -280,16 +280,16 @@ def test_schema_enums_are_the_code_lists():
     assert tuple(training["loss_agg_mode"]["enum"]) == AGGREGATION_MODES
     from cppo.training.runconfig import SCHEMA
 
-    run_scale = SCHEMA["rl"]["scale_rewards"]
-    assert all(run_scale.check(v) is None for v in training["scale_rewards"]["enum"])
+    run_scale = SCHEMA["properties"]["rl"]["properties"]["scale_rewards"]["enum"]
+    assert run_scale == training["scale_rewards"]["enum"]
 
 
 def test_paper_config_follows_the_official_recipes():
     plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
-    for model in plan.models:
-        horizon = plan.schedule(model)["max_completion_length"]
-        for method in plan.methods:
-            run = plan.run_config(model, method, 0)
+    for model in plan.matrix.models:
+        horizon = plan.resolver.schedule(model)["max_completion_length"]
+        for method in plan.matrix.methods:
+            run = plan.resolver.run_config(model, method, 0)
             m = run["method"]
             assert m["loss_agg_mode"] == "seq-mean-token-sum-norm", (model, method)
             assert m["horizon"] == horizon
@@ -302,7 +302,7 @@ def test_paper_config_follows_the_official_recipes():
                 assert resolved["delta_b_max_factor"] == 2.0
             if "ratio_cap" in resolved:
                 assert resolved["ratio_cap"] is None
-    assert {m: plan.schedule(m)["max_completion_length"] for m in plan.models} == {
+    assert {m: plan.resolver.schedule(m)["max_completion_length"] for m in plan.matrix.models} == {
         "Qwen3-1.7B": 8192,
         "Qwen3-1.7B-Base": 8192,
         "Qwen3-8B-Base": 8192,
@@ -313,13 +313,13 @@ def test_paper_config_follows_the_official_recipes():
 def test_toy_defaults_stay_token_mean_with_group_std_unless_set():
     cfg = load_config(ROOT / "config" / "ci.yaml")
     plan = Plan(cfg)
-    model, method = plan.models[0], plan.methods[0]
-    run = plan.run_config(model, method, 0)
+    model, method = plan.matrix.models[0], plan.matrix.methods[0]
+    run = plan.resolver.run_config(model, method, 0)
     assert run["method"]["loss_agg_mode"] == "token-mean"
     assert run["rl"]["scale_rewards"] == "group"
     cfg["training"]["scale_rewards"] = "none"
     cfg["models"][model].setdefault("training", {})["loss_agg_mode"] = "seq-mean-token-sum-norm"
-    run = Plan(cfg).run_config(model, method, 0)
+    run = Plan(cfg).resolver.run_config(model, method, 0)
     assert run["rl"]["scale_rewards"] == "none"
     assert run["method"]["loss_agg_mode"] == "seq-mean-token-sum-norm"
 

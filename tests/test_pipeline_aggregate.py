@@ -130,14 +130,14 @@ A_BEST = {0: (2, 30.0, 40.0, 20.0), 1: (4, 40.0, 50.0, 30.0), 2: (6, 50.0, 60.0,
 def synth(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = Plan(config())
-    toy = tmp_path / plan.toy_data_dir
+    toy = tmp_path / plan.matrix.toy_data_dir
     toy.mkdir(parents=True)
     (toy / "val.jsonl").write_text("".join(json.dumps({"id": str(i)}) + "\n" for i in range(N_VAL)))
     (toy / "test.jsonl").write_text(
         "".join(json.dumps({"id": str(i)}) + "\n" for i in range(N_TEST))
     )
     for seed, vals in A_VALS.items():
-        write_run(Path(plan.run_dir("m", "a", seed)), vals, train_recs())
+        write_run(Path(plan.matrix.run_dir("m", "a", seed)), vals, train_recs())
     # method b: seed 2 collapses at step 3 (reward null from then on), others are fine
     for seed in (0, 1, 2):
         vals = {s: (0.2 + 0.01 * seed, 0.2) for s in (0, 2, 4, 6, 8)}
@@ -146,10 +146,12 @@ def synth(tmp_path, monkeypatch):
         extra = {f"deviation/bin{i}/mean": 0.01 * (i + 1) + 0.001 * seed for i in range(2)}
         extra |= {f"deviation/bin{i}/top10": 0.05 * (i + 1) for i in range(2)}
         extra |= {"cppo/delta_b_eff": 0.02 + 0.001 * seed}
-        write_run(Path(plan.run_dir("m", "b", seed)), vals, train_recs(broken_from=broken, **extra))
+        write_run(
+            Path(plan.matrix.run_dir("m", "b", seed)), vals, train_recs(broken_from=broken, **extra)
+        )
     manifest = plan.manifest()
-    Path(plan.manifest_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(plan.manifest_path).write_text(json.dumps(manifest))
+    Path(plan.matrix.manifest_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(plan.matrix.manifest_path).write_text(json.dumps(manifest))
     return plan, manifest
 
 
@@ -179,9 +181,9 @@ def test_table1_and_table4_pick_best_within_t_stop(synth):
 
 def test_table1_rendering_mean_and_ci_over_seeds(synth):
     plan, manifest = synth
-    aggregate.write_all(plan.manifest_path, plan.path("tables"))
-    tables.render(manifest, plan.path("tables"), "table1")
-    md = Path(plan.path("tables", "table1.md")).read_text()
+    aggregate.write_all(plan.matrix.manifest_path, plan.matrix.path("tables"))
+    tables.render(manifest, plan.matrix.path("tables"), "table1")
+    md = Path(plan.matrix.path("tables", "table1.md")).read_text()
     # method a: seeds 30, 40, 50 -> mean 40, sd 10, half-width t(0.975, 2) 10 / sqrt(3)
     hw = 4.303 * 10 / math.sqrt(3)
     assert f"| Method A | 40.00 ± {hw:.2f} |" in md
@@ -192,9 +194,9 @@ def test_table1_rendering_mean_and_ci_over_seeds(synth):
     assert f"| Method B | {sum(b) / 3:.2f} ± {hw_b:.2f} (1/3 collapse, first it. 1) |" in md
     # the intervals [15.2, 64.8] and [44.1, 63.9] overlap: nothing is bold
     assert "**Method" not in md and "| **" not in md
-    tex = Path(plan.path("tables", "table1.tex")).read_text()
+    tex = Path(plan.matrix.path("tables", "table1.tex")).read_text()
     assert r"\toprule" in tex and r"40.00 $\pm$" in tex
-    assert "<table>" in Path(plan.path("tables", "table1.html")).read_text()
+    assert "<table>" in Path(plan.matrix.path("tables", "table1.html")).read_text()
 
 
 def test_seed_stat_against_hand_values():
@@ -242,13 +244,13 @@ def test_validation_collapse_rule():
 def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = Plan(config(seeds=(0,), methods=("a",)))
-    write_run(Path(plan.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=5))
+    write_run(Path(plan.matrix.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=5))
     manifest = plan.manifest()
     frames = aggregate.collect(manifest)
     grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
     assert grid.rows == [["Method A", "30.00 (collapse, it. 2)"]]
     # a collapse after T_stop (6 steps) does not count
-    write_run(Path(plan.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=7))
+    write_run(Path(plan.matrix.run_dir("m", "a", 0)), A_VALS[0], train_recs(broken_from=7))
     frames = aggregate.collect(manifest)
     grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
     assert grid.rows == [["Method A", "30.00"]]
@@ -353,8 +355,15 @@ def test_figures_plot_the_seed_mean(synth):
         for st in (0, 2, 4, 6, 8)
     ]
     assert list(a.get_ydata()) == pytest.approx(expected)
-    for name in plan.figure_names():
-        paths = figures.make_figure(manifest, name, Path(plan.path("figures", name)))
+    assert figures.figure_names(manifest) == [
+        "fig4_validation",
+        "binding",
+        "fig2_position_deviation",
+        "fig7_prefix_budget",
+        "diagnostics_m",
+    ]
+    for name in figures.figure_names(manifest):
+        paths = figures.make_figure(manifest, name, Path(plan.matrix.path("figures", name)))
         assert [p.suffix for p in paths] == [".png", ".pdf"]
         assert all(p.stat().st_size > 5000 for p in paths), name
 
@@ -386,11 +395,11 @@ def test_deviation_profile_and_delta_b_curves(synth):
 
 def test_summary_markdown(synth):
     plan, manifest = synth
-    aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    aggregate.write_all(plan.matrix.manifest_path, plan.matrix.path("tables"))
     for name in ("table1", "table4"):
-        tables.render(manifest, plan.path("tables"), name)
+        tables.render(manifest, plan.matrix.path("tables"), name)
     out = report.write_summary(
-        manifest, ["table1", "table4"], ["fig4_validation"], plan.path("summary.md")
+        manifest, ["table1", "table4"], ["fig4_validation"], plan.matrix.path("summary.md")
     )
     text = out.read_text()
     assert "Table 1" in text and "Table 4" in text
@@ -502,10 +511,10 @@ def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     plan, manifest = synth
-    written = aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    written = aggregate.write_all(plan.matrix.manifest_path, plan.matrix.path("tables"))
     figs = {
         "fig4_validation": figures.make_figure(
-            manifest, "fig4_validation", Path(plan.path("figures", "fig4_validation"))
+            manifest, "fig4_validation", Path(plan.matrix.path("figures", "fig4_validation"))
         )[0]
     }
     out = tmp_path / "wandb.json"
@@ -563,23 +572,23 @@ def test_stability_and_binding_values_by_hand():
 
 def test_stability_and_binding_tables(synth):
     plan, manifest = synth
-    aggregate.write_all(plan.manifest_path, plan.path("tables"))
+    aggregate.write_all(plan.matrix.manifest_path, plan.matrix.path("tables"))
     for name in ("stability", "binding"):
-        tables.render(manifest, plan.path("tables"), name)
-    stab = pd.read_csv(plan.path("tables", "stability.csv"))
+        tables.render(manifest, plan.matrix.path("tables"), name)
+    stab = pd.read_csv(plan.matrix.path("tables", "stability.csv"))
     a0 = stab[(stab.method == "a") & (stab.seed == 0)].set_index("metric")["value"]
     # A_VALS seed 0: start 10 %, best within T_stop 30 % (step 2), final 90 % (step 8)
     assert a0.to_dict() == pytest.approx(
         {"start": 10.0, "best": 30.0, "gain": 20.0, "final": 90.0, "last2": 55.0, "net": 80.0}
     )
-    md = Path(plan.path("tables", "stability.md")).read_text()
+    md = Path(plan.matrix.path("tables", "stability.md")).read_text()
     row_a = next(line for line in md.splitlines() if line.startswith("| Model M | Method A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
     header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     finals = [90.0, 0.0, 0.0]  # method a's last validations
     hw = 4.303 * statistics.stdev(finals) / math.sqrt(3)
     assert cells[header.index("final")] == f"30.00 ± {hw:.2f}"
-    binding = Path(plan.path("tables", "binding.md")).read_text()
+    binding = Path(plan.matrix.path("tables", "binding.md")).read_text()
     header = [c.strip() for c in binding.splitlines()[2].strip("|").split("|")]
     row_b = next(ln for ln in binding.splitlines() if ln.startswith("| Model M | Method B |"))
     cells = [c.strip() for c in row_b.strip("|").split("|")]
@@ -589,3 +598,21 @@ def test_stability_and_binding_tables(synth):
         == "20.000 ± 0.000 (1/3 collapse, first it. 1)"
     )
     assert cells[header.index("prefix-budget share of masks (%)")].startswith("25.000 ± 0.000")
+
+
+def test_every_table_is_rendered_from_its_aggregate_csv(synth):
+    """tables.TABLES names the tables; the aggregate step writes each one's CSV."""
+    plan, manifest = synth
+    written = aggregate.write_all(plan.matrix.manifest_path, plan.matrix.path("tables"))
+    names = tables.table_names(manifest)
+    assert names == ["table1", "table4", "stability", "binding", "posthoc"]
+    assert set(aggregate.output_csvs(manifest)) <= set(written)
+    for name in names:
+        paths = tables.render(manifest, plan.matrix.path("tables"), name)
+        assert [p.suffix for p in paths] == [".md", ".tex", ".html"]
+    # posthoc only with an evaluation, paper_diff only with the comparison
+    other = {**manifest, "evaluation": {**manifest["evaluation"], "checkpoints": []}}
+    other["paper_comparison"] = True
+    assert tables.table_names(other) == ["table1", "table4", "stability", "binding", "paper_diff"]
+    with pytest.raises(ValueError, match="unknown table"):
+        tables.render(manifest, plan.matrix.path("tables"), "table2")

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cppo.pipeline.config import ConfigError, load_config, schema_errors, validate
-from cppo.pipeline.plan import Plan, format_cli_args
+from cppo.pipeline.commands import format_cli_args
+from cppo.pipeline.config import (
+    ConfigError,
+    load_config,
+    schema_errors,
+    validate,
+    with_method_catalogue,
+)
+from cppo.pipeline.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["toy", "toy-full", "paper", "ablations", "conventions", "ci"]
 
 
 def toy() -> dict:
-    return load_config(ROOT / "config" / "toy.yaml")
+    """config/toy.yaml with its catalogue's methods written out (tests edit them)."""
+    return with_method_catalogue(load_config(ROOT / "config" / "toy.yaml"))
 
 
 def errors_of(cfg: dict) -> list[str]:
@@ -28,12 +38,12 @@ def errors_of(cfg: dict) -> list[str]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_are_valid(name):
     plan = Plan(load_config(ROOT / "config" / f"{name}.yaml"))
-    assert plan.profile == name
-    assert plan.runs
+    assert plan.matrix.profile == name
+    assert plan.matrix.runs
 
 
 def test_matrix_sizes():
-    sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).runs) for n in CONFIGS}
+    sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).matrix.runs) for n in CONFIGS}
     assert sizes == {
         "toy": 48,
         "toy-full": 96,
@@ -117,8 +127,8 @@ def test_snapshots_none_is_fine_without_the_post_hoc_evaluation():
     with pytest.raises(ConfigError):
         Plan(cfg)
     cfg["evaluation"] = {"enabled": False}
-    assert Plan(cfg).runs
-    assert Plan(_set(toy(), "training.extra", {"snapshots": "best"})).runs
+    assert Plan(cfg).matrix.runs
+    assert Plan(_set(toy(), "training.extra", {"snapshots": "best"})).matrix.runs
 
 
 def test_rule_params_are_checked_by_the_rule_registry():
@@ -179,12 +189,12 @@ def test_defaults_are_filled():
 
 def test_run_config_resolution():
     plan = Plan(toy())
-    cfg = plan.run_config("toy-s-2up", "cppo", 0)
+    cfg = plan.resolver.run_config("toy-s-2up", "cppo", 0)
     assert cfg["run_name"] == "toy-s-2up__cppo__s0"
     assert cfg["output_dir"] == "results/toy/runs/toy-s-2up/cppo/seed0"
     # both columns start from one shared warm start
     assert cfg["model"] == "results/toy/models/warm/toy-s-base-s0" and "model_revision" not in cfg
-    assert plan.run_config("toy-s-8up", "cppo", 0)["model"] == cfg["model"]
+    assert plan.resolver.run_config("toy-s-8up", "cppo", 0)["model"] == cfg["model"]
     assert cfg["train_data"] == "results/toy/data/toy/train.jsonl"
     assert cfg["method"] == {
         "rule": "cppo",
@@ -201,31 +211,45 @@ def test_run_config_resolution():
         "topk": 20,
     }
     assert cfg["rl"] == {"scale_rewards": "none"}
-    assert cfg["divergence"] == {"kind": "topk_tv", "topk": 20}
+    # the rule owns its divergence (method above): no run-level copy to keep in step
+    assert "divergence" not in cfg
     # iterations -> optimizer steps: validation every 5 iterations x 2 (or 8) updates
     assert cfg["validation"]["every"] == 10 and cfg["save_every"] == 10
-    assert plan.run_config("toy-s-8up", "cppo", 0)["validation"]["every"] == 40
-    assert plan.run_config("toy-s-8up", "cppo", 0)["method"]["delta"] == 0.20
+    assert plan.resolver.run_config("toy-s-8up", "cppo", 0)["validation"]["every"] == 40
+    assert plan.resolver.run_config("toy-s-8up", "cppo", 0)["method"]["delta"] == 0.20
     assert cfg["validation"]["benchmarks"] == ["results/toy/data/toy/val.jsonl"]
     assert cfg["validation"]["max_new_tokens"] == cfg["schedule"]["max_completion_length"] == 128
     raw = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
     assert cfg["schedule"]["iterations"] == raw["models"]["toy-s-2up"]["schedule"]["iterations"]
     assert cfg["threads"] == 1
-    # TRM reads KL: run-level divergence follows the rule's (the trainer requires agreement)
-    assert plan.run_config("toy-s-2up", "trm_max", 0)["divergence"]["kind"] == "topk_kl"
-    # grpo and none read none: run-level divergence is the config's logged one
+    trm = plan.resolver.run_config("toy-s-2up", "trm_max", 0)
+    assert trm["method"]["divergence"] == "topk_kl" and "divergence" not in trm
+    # grpo and none read none: run-level divergence is the diagnostic one the trainer logs
     for method in ("grpo", "none"):
-        run = plan.run_config("toy-s-2up", method, 0)
+        run = plan.resolver.run_config("toy-s-2up", method, 0)
         assert run["divergence"] == {"kind": "topk_tv", "topk": 20}
         assert "divergence" not in run["method"]
+
+
+def test_run_yaml_is_the_dict_dumped_in_key_order(tmp_path):
+    from cppo.pipeline.jobs import write_yaml
+
+    run = Plan(toy()).resolver.run_config("toy-s-2up", "cppo", 0)
+    write_yaml(run, tmp_path / "run.yaml")
+    text = (tmp_path / "run.yaml").read_text()
+    assert text == yaml.safe_dump(json.loads(json.dumps(run)), sort_keys=False)
+    # a value two keys share (a YAML alias in a config) is written out twice, not as an anchor
+    shared = {"kind": "topk_tv"}
+    write_yaml({"a": shared, "b": shared}, tmp_path / "shared.yaml")
+    assert (tmp_path / "shared.yaml").read_text() == "a:\n  kind: topk_tv\nb:\n  kind: topk_tv\n"
 
 
 def test_run_config_is_accepted_by_the_trainer():
     runconfig = pytest.importorskip("cppo.training.runconfig")
     for name in CONFIGS:
         plan = Plan(load_config(ROOT / "config" / f"{name}.yaml"))
-        for run in plan.runs:
-            runconfig.validate_run_config(copy.deepcopy(plan.run_config(*run)))
+        for run in plan.matrix.runs:
+            runconfig.validate_run_config(copy.deepcopy(plan.resolver.run_config(*run)))
 
 
 def test_paper_config_matches_table3():
@@ -237,7 +261,7 @@ def test_paper_config_matches_table3():
         "Qwen3-30B-A3B-Base": (256, 16, 32, 8, 16384, 0.20, 0.020, True, 0.8, 560),
     }
     for model, row in table3.items():
-        cfg = plan.run_config(model, "cppo", 0)
+        cfg = plan.resolver.run_config(model, "cppo", 0)
         s, m = cfg["schedule"], cfg["method"]
         got = (
             s["prompts_per_iter"],
@@ -252,12 +276,12 @@ def test_paper_config_matches_table3():
             plan.cfg["models"][model]["t_stop"],
         )
         assert got == row, model
-        assert plan.t_stop_steps(model) == row[-1] * row[3]
+        assert plan.resolver.t_stop_steps(model) == row[-1] * row[3]
         assert cfg["model_revision"] and len(cfg["model_revision"]) == 40
         assert cfg["schedule"]["learning_rate"] == 1e-6 and cfg["schedule"]["temperature"] == 1.0
         assert cfg["validation"]["k"] == 16 and cfg["validation"]["temperature"] == 0.7
         assert cfg["validation"]["top_p"] == 0.95 and cfg["backend"] == "vllm"
-        assert plan.run_config(model, "dppo", 0)["method"]["delta"] == row[5]
+        assert plan.resolver.run_config(model, "dppo", 0)["method"]["delta"] == row[5]
     assert plan.cfg["validation"]["benchmarks"] == ["aime24", "aime25", "aime26"]
     assert (
         plan.cfg["data"]["dapo_math_17k"]["revision"] == "65877096c24ffa7abc4e4fa5edb95cf3413a5674"
@@ -265,11 +289,19 @@ def test_paper_config_matches_table3():
 
 
 def test_ablation_variants_change_one_thing():
+    from cppo.rules import resolve_config
+
     plan = Plan(load_config(ROOT / "config" / "ablations.yaml"))
-    base = plan.run_config("toy-s-8up", "cppo", 0)["method"]
+
+    def effective(method):
+        # the rule's resolved config: keys left at the rule's default count as that default
+        m = dict(plan.resolver.run_config("toy-s-8up", method, 0)["method"])
+        return resolve_config(m.pop("rule"), m)
+
+    base = effective("cppo")
 
     def diff(method):
-        m = plan.run_config("toy-s-8up", method, 0)["method"]
+        m = effective(method)
         return {k: m.get(k) for k in set(m) | set(base) if m.get(k) != base.get(k)}
 
     assert diff("cppo_no_position_weight") == {"position_weight": False}
@@ -279,7 +311,7 @@ def test_ablation_variants_change_one_thing():
     assert diff("cppo_db003_fixed") == {"delta_b": 0.03, "adaptive_delta_b": False}
     assert diff("cppo_wmin06") == {"w_min": 0.6}
     assert diff("cppo_kl") == {"delta": 0.1, "delta_b": 0.002, "divergence": "topk_kl"}
-    assert diff("cppo_binary_tv") == {"divergence": "binary_tv", "topk": None}
+    assert diff("cppo_binary_tv") == {"divergence": "binary_tv"}
 
 
 def test_method_overrides_and_extra_keys():
@@ -287,7 +319,7 @@ def test_method_overrides_and_extra_keys():
     cfg["models"]["toy-s-2up"]["method_overrides"] = {"grpo": {"eps_high": 0.3}}
     cfg["training"]["extra"] = {"gradient_checkpointing": True}
     plan = Plan(cfg)
-    run = plan.run_config("toy-s-2up", "grpo", 0)
+    run = plan.resolver.run_config("toy-s-2up", "grpo", 0)
     assert run["method"]["eps_high"] == 0.3 and run["method"]["eps_low"] == 0.2
     assert run["gradient_checkpointing"] is True
 
@@ -300,7 +332,11 @@ def test_format_cli_args():
 
 
 def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
-    pytest.importorskip("cppo.rules")
+    from cppo.rules import registry
+
+    # the plugin registers into a copy of the registry, dropped after the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, "plugin_rule_cfg", raising=False)
     (tmp_path / "plugin_rule_cfg.py").write_text(
         "from cppo.rules import register_rule, get_rule, available_rules\n"
         "if 'plugin_cfg_rule' not in available_rules():\n"
@@ -311,14 +347,81 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
     cfg["methods"]["plug"] = {"rule": "plugin_cfg_rule", "module": "plugin_rule_cfg"}
     cfg["run"]["methods"] = ["grpo", "plug"]
     plan = Plan(cfg)
-    assert plan.run_config("toy-s-2up", "plug", 0)["method"] == {
+    assert plan.resolver.run_config("toy-s-2up", "plug", 0)["method"] == {
         "rule": "plugin_cfg_rule",
         "loss_agg_mode": "seq-mean-token-sum-norm",
         "horizon": 128,
     }
-    assert plan.train_command("plug") == (
+    assert plan.commands.train_command("plug") == (
         "python -m cppo.pipeline.launch --import plugin_rule_cfg -- cppo.train"
     )
-    assert plan.train_command("grpo") == "python -m cppo.train"
+    assert plan.commands.train_command("grpo") == "python -m cppo.train"
     cfg["methods"]["plug"]["module"] = "no_such_module_here"
     assert any("methods.plug.module" in e for e in errors_of(cfg))
+
+
+def test_configs_take_their_methods_from_the_catalogue_and_override_by_key(tmp_path):
+    catalogue = yaml.safe_load((ROOT / "config" / "methods.yaml").read_text())["methods"]
+    cfg = validate(toy())
+    assert list(cfg["methods"]) == list(catalogue)
+    assert cfg["methods"]["cppo"]["params"] == catalogue["cppo"]["params"]
+    raw = toy()
+    raw["methods"] = {"cppo": {"params": {"delta_b_max_factor": 5.0}}}
+    cppo = validate(raw)["methods"]["cppo"]
+    assert cppo["params"] == {**catalogue["cppo"]["params"], "delta_b_max_factor": 5.0}
+    assert cppo["from_model"] == catalogue["cppo"]["from_model"] and cppo["label"] == "CPPO"
+    raw["method_catalogue"] = str(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="method_catalogue: no such file"):
+        validate(raw)
+
+
+def test_schema_defaults_fill_what_a_config_leaves_out():
+    raw = toy()
+    for key in ("collapse", "figures", "publish", "commands"):
+        raw.pop(key, None)
+    cfg = validate(raw)
+    assert cfg["collapse"] == {
+        "nonfinite_keys": ["reward/mean", "grad_norm"],
+        "val_fraction": None,
+        "consecutive": 2,
+    }
+    assert cfg["figures"] == {"smoothing": 0.8, "dpi": 150, "ablations": []}
+    assert cfg["publish"]["wandb"]["enabled"] is False
+    assert cfg["commands"]["train"] == {"launcher": "python -m", "module": "cppo.train"}
+    # a default given for a mapping is merged under what the config gives
+    assert cfg["resources"]["train"]["nodes"] == 1
+    # defaults that depend on other keys
+    assert cfg["evaluation"]["k"] == raw["evaluation"].get("k", raw["validation"]["k"])
+    assert cfg["methods"]["none"]["label"] == "no trust region"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("delta_b", 0.0),
+        ("delta_b", -0.01),
+        ("delta", 0.0),
+        ("delta", 0.1),
+        ("w_min", 0.0),
+        ("w_min", 1.0),
+        ("w_min", 1.5),
+    ],
+)
+def test_trust_region_ranges_agree_with_the_rule(key, value):
+    from cppo.rules import RuleConfigError, get_rule
+
+    try:
+        get_rule("cppo").resolve({key: value})
+        rule_ok = True
+    except RuleConfigError:
+        rule_ok = False
+    raw = toy()
+    for model in raw["models"].values():
+        model.setdefault("trust_region", {})[key] = value
+    try:
+        validate(raw)
+        pipeline_ok = True
+    except ConfigError as err:
+        assert f"trust_region.{key}" in str(err)
+        pipeline_ok = False
+    assert pipeline_ok == rule_ok, (key, value)

@@ -89,7 +89,8 @@ def test_lint_is_clean(name, tmp_path):
 def test_broken_config_stops_snakemake_naming_the_key(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "toy.yaml").read_text())
     cfg["models"]["toy-s-2up"]["schedule"]["prompt_per_iter"] = 16
-    cfg["methods"]["cppo"]["params"] = {"w_mni": 0.8}
+    # an override of the catalogue's cppo entry
+    cfg.setdefault("methods", {})["cppo"] = {"params": {"w_mni": 0.8}}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", configfiles=[bad])

@@ -338,7 +338,7 @@ def test_paper_settings_and_their_estimate():
     plan = Plan(paper())
     report = resources.check(plan, ROOT)
     rows = {r.job.model: r for r in report.rows}
-    assert list(rows) == plan.models
+    assert list(rows) == plan.matrix.models
     big = rows[QWEN30B]
     assert (big.job.nodes, big.job.world_size, big.job.tensor_parallel_size) == (2, 16, 4)
     # ZeRO-3 over 16 GPUs: 16 B x 30,532,122,624 params / 16
@@ -356,7 +356,7 @@ def test_paper_settings_and_their_estimate():
     assert report.train_retries() == attempts - 1 + resources.SPARE_ATTEMPTS
     text = resources.format_report(report)
     assert "Per-GPU memory of one training job" in text and "ASSUMED throughput" in text
-    assert all(m in text for m in plan.models) and "REFUSED" not in text
+    assert all(m in text for m in plan.matrix.models) and "REFUSED" not in text
 
 
 def test_one_node_30b_is_refused_with_the_numbers():
@@ -448,18 +448,18 @@ def test_run_yaml_threads_and_micro_batch():
         QWEN30B: (64 // 8, 1),
     }
     for model, (threads, micro) in expect.items():
-        run = plan.run_config(model, "cppo", 0)
+        run = plan.resolver.run_config(model, "cppo", 0)
         assert (run["threads"], run["schedule"]["micro_batch"]) == (threads, micro), model
         assert run["vllm"]["max_model_length"] == 2048 + run["schedule"]["max_completion_length"]
-    assert plan.run_config(QWEN30B, "cppo", 0)["vllm"]["tensor_parallel_size"] == 4
+    assert plan.resolver.run_config(QWEN30B, "cppo", 0)["vllm"]["tensor_parallel_size"] == 4
     toy = Plan(load_config(ROOT / "config" / "toy.yaml"))
-    run = toy.run_config("toy-s-2up", "cppo", 0)
+    run = toy.resolver.run_config("toy-s-2up", "cppo", 0)
     assert "micro_batch" not in run["schedule"] and run["threads"] == 1
 
 
 def test_snakemake_resources():
     plan = Plan(paper())
-    single = plan.snakemake_resources("train", "Qwen3-8B-Base")
+    single = plan.commands.snakemake_resources("train", "Qwen3-8B-Base")
     assert single == {
         "mem_mb": 960000,
         "runtime": 2880,
@@ -469,7 +469,7 @@ def test_snakemake_resources():
         "cpus_per_task": None,
         "mpi": None,
     }
-    multi = plan.snakemake_resources("train", QWEN30B)
+    multi = plan.commands.snakemake_resources("train", QWEN30B)
     # 2 nodes x 8 GPUs, one SLURM task per GPU with 64 // 8 cores: all 64 cores of each node
     assert {k: multi[k] for k in ("gpu", "nodes", "tasks_per_node", "cpus_per_task", "mpi")} == {
         "gpu": 16,
@@ -478,16 +478,16 @@ def test_snakemake_resources():
         "cpus_per_task": 8,
         "mpi": "srun",
     }
-    assert plan.snakemake_resources("evaluate", QWEN30B)["nodes"] is None
+    assert plan.commands.snakemake_resources("evaluate", QWEN30B)["nodes"] is None
 
 
 def test_train_commands():
     plan = Plan(paper())
-    assert plan.train_command("cppo", "Qwen3-8B-Base") == (
+    assert plan.commands.train_command("cppo", "Qwen3-8B-Base") == (
         "accelerate launch --num_processes 8 --config_file config/accelerate/zero3.yaml -m "
         "cppo.train"
     )
-    cmd = plan.train_command("cppo", QWEN30B)
+    cmd = plan.commands.train_command("cppo", QWEN30B)
     assert cmd.startswith(
         "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --gpus-per-node=8 "
         "--kill-on-bad-exit=1 bash -c 'exec accelerate launch --num_processes 16 "
@@ -495,7 +495,7 @@ def test_train_commands():
     )
     assert cmd.endswith(' -m cppo.train "$@"\' cppo-train')
     toy = Plan(load_config(ROOT / "config" / "toy.yaml"))
-    assert toy.train_command("cppo", "toy-s-2up") == "python -m cppo.train"
+    assert toy.commands.train_command("cppo", "toy-s-2up") == "python -m cppo.train"
 
 
 def _stub(path: Path, body: str) -> None:
@@ -517,7 +517,7 @@ def test_multi_node_command_runs_one_launch_per_node(tmp_path):
     hostnames = ['test "$*" = "show hostnames gpu-[07-08]" || exit 2', "echo gpu-07; echo gpu-08"]
     _stub(bin_dir / "scontrol", "\n".join(hostnames) + "\n")
     _stub(bin_dir / "accelerate", f'echo "$*" >> {tmp_path}/launches\n')
-    cmd = Plan(paper()).train_command("cppo", QWEN30B)
+    cmd = Plan(paper()).commands.train_command("cppo", QWEN30B)
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",

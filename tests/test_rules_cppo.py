@@ -20,8 +20,9 @@ from cppo.rules import (
     dppo_mask,
     get_rule,
     masked_quantile,
+    metrics_to_floats,
 )
-from cppo.rules.cppo import shuffled_ranks
+from cppo.rules.cppo import CPPOParams, shuffled_ranks
 from cppo.rules.reference import (
     cppo_batch_reference,
     is_outward,
@@ -442,6 +443,27 @@ def test_shuffled_weights_permute_within_each_response():
     assert not torch.equal(plain[0], shuf[0])
 
 
+def test_params_object_and_keywords_are_one_interface():
+    rng = random.Random(21)
+    for _ in range(50):
+        D, lr, A, mask, _ = random_case(rng)
+        kw = random_params(rng)
+        p = CPPOParams(**kw)
+        a, b = cppo_gate(D, lr, A, mask, p), cppo_gate(D, lr, A, mask, **kw)
+        for f in ("keep", "weight", "token_violation", "prefix_violation", "delta_b_eff"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+        assert torch.equal(cppo_mask(D, lr, A, mask, p), a.keep)
+        soft = cppo_gate(D, lr, A, mask, soft=True, **kw).weight
+        assert torch.equal(cppo_soft_weight(D, lr, A, mask, p), soft)
+        assert torch.equal(cppo_gate(D, lr, A, mask, p, soft=True).weight, soft)
+    with pytest.raises(ValueError, match="hard mask"):
+        cppo_mask(D, lr, A, mask, p, soft=True)
+    with pytest.raises(ValueError, match="delta must be > 0"):
+        CPPOParams(delta=0.0, delta_b=0.02, w_min=0.8)
+    with pytest.raises(ValueError, match="w_min"):
+        cppo_gate(D, lr, A, mask, p, w_min=0.0)
+
+
 def test_masked_quantile_matches_torch_quantile():
     rng = random.Random(17)
     g = torch.Generator().manual_seed(0)
@@ -512,7 +534,7 @@ def test_rule_metrics_are_consistent():
     for _ in range(100):
         batch, ref = _batch(rng)
         out = rule(batch, {"gate": "hard"})
-        m = out.metrics
+        m = metrics_to_floats(out.metrics)
         assert all(isinstance(v, float) for v in m.values())
         assert math.isclose(
             m["mask/token_fraction"] + m["mask/prefix_fraction"], m["mask/fraction"], abs_tol=1e-12

@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cppo.toy.models import build_model, count_parameters, make_config, read_meta, save_model_dir
+from cppo.toy.models import build_model, count_parameters, read_meta, save_model_dir
 from cppo.toy.presets import model_preset, model_preset_names
 from cppo.toy.quick_eval import chat_prompts
 from cppo.toy.task import TaskConfig, generate_splits
 from cppo.toy.tokenizer import build_tokenizer, collect_words
+from cppo.training.tiny import build_tiny_model, build_tiny_tokenizer
+from evaluation import tiny
+from evaluation.testing import make_tiny_model, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_seeded_init(tok):
 
 def test_unknown_preset_key(tok):
     with pytest.raises(ValueError, match="unknown keys"):
-        make_config({"architecture": "qwen3", "hidden_size": 32, "num_expert": 4}, tok)
+        tiny.make_config({"architecture": "qwen3", "hidden_size": 32, "num_expert": 4}, tok)
 
 
 @pytest.mark.parametrize("preset", ["toy-s", "toy-moe"])
@@ -110,3 +113,25 @@ def test_moe_routes_top2(tok):
         assert torch.allclose(weights.sum(-1), torch.ones(18), atol=1e-5)
     counts = count_parameters(model)
     assert counts["active"] < counts["total"]
+
+
+def test_one_builder_for_toy_and_test_models(tok):
+    """The toy CLI's model, the trainer's test model and evaluation's test model all come from
+    evaluation.tiny.build_model: same preset, tokenizer and seed give the same weights."""
+    preset = model_preset("toy-s")
+    a = build_model("toy-s", tok, seed=3).state_dict()
+    b = tiny.build_model(preset, tok, seed=3).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model, char_tok = make_tiny_model(seed=1, hidden_size=32)
+    other = build_tiny_model(build_tiny_tokenizer(), hidden_size=32, seed=1).state_dict()
+    direct = tiny.build_model(tiny_preset(32), char_tok, seed=1).state_dict()
+    for sd in (other, direct):
+        assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
+    assert model.config.vocab_size == len(char_tok)
+
+
+def test_vocab_size_pads_the_test_model():
+    t = build_tiny_tokenizer(300)
+    model = build_tiny_model(t, vocab_size=300, tie_word_embeddings=False)
+    assert len(t) == 300 and model.get_output_embeddings().weight.shape[0] == 300

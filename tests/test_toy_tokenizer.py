@@ -8,8 +8,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from cppo.toy.task import TaskConfig, generate_splits
-from cppo.toy.tokenizer import IM_END, IM_START, PAD, build_tokenizer, collect_words
+from cppo.toy.tokenizer import collect_words
 from evaluation.dapo import PROMPT_PREFIX, PROMPT_SUFFIX, format_prompt
+from evaluation.testing import make_char_tokenizer
+from evaluation.tiny import CHARS, IM_END, IM_START, PAD, SPECIAL_TOKENS, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,29 @@ def test_chat_template(tok, problems):
 def test_decode_skips_special_tokens(tok):
     ids = tok("7+1=8.\nAnswer: 8", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.decode(ids, skip_special_tokens=True) == "7+1=8.\nAnswer: 8"
+
+
+def test_without_words_the_builder_is_character_level():
+    tok = build_tokenizer()
+    assert len(tok) == len(SPECIAL_TOKENS) + len(CHARS)
+    text = "Answer: 12 + 3\n\tok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    chat = [{"role": "user", "content": "hi"}]
+    expected = f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n"
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == expected
+    # the tests' tokenizer: same vocabulary, its own (equivalent) template, right padding
+    test_tok = make_char_tokenizer()
+    assert test_tok.get_vocab() == tok.get_vocab() and test_tok.padding_side == "right"
+    assert (
+        test_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == expected
+    )
+    ids = test_tok(f"{IM_START}x{IM_END}", add_special_tokens=False)["input_ids"]
+    assert test_tok.decode(ids, skip_special_tokens=True) == "x"
+
+
+def test_vocab_size_pads_with_fillers():
+    tok = build_tokenizer(vocab_size=200)
+    assert len(tok) == 200 and tok.convert_ids_to_tokens(199) == "<filler199>"
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        build_tokenizer(vocab_size=10)

@@ -218,11 +218,13 @@ def test_run_config_keys():
     assert gpu["snapshot_dtype"] == "bfloat16"
     assert validate_run_config({**base, "keep_checkpoints": "all"})["keep_checkpoints"] == "all"
     for bad in (0, "some"):
-        with pytest.raises(RunConfigError, match=r"'keep_checkpoints' must be a positive number"):
+        with pytest.raises(
+            RunConfigError, match=r"keep_checkpoints: .* is not a valid value \(a positive number"
+        ):
             validate_run_config({**base, "keep_checkpoints": bad})
-    with pytest.raises(RunConfigError, match=r"'snapshots' must be one of"):
+    with pytest.raises(RunConfigError, match=r"snapshots: 'every' is not one of"):
         validate_run_config({**base, "snapshots": "every"})
-    with pytest.raises(RunConfigError, match=r"'snapshot_dtype' must be one of"):
+    with pytest.raises(RunConfigError, match=r"snapshot_dtype: 'float16' is not one of"):
         validate_run_config({**base, "snapshot_dtype": "float16"})
     with pytest.raises(RunConfigError, match=r"'save_total_limit' is now 'keep_checkpoints'"):
         validate_run_config({**base, "save_total_limit": 2})
@@ -377,14 +379,14 @@ def test_pipeline_run_config_sets_the_best_window_only_when_t_stop_ends_early():
     from cppo.pipeline.plan import Plan
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "toy.yaml")
-    model, method = Plan(cfg).models[0], Plan(cfg).methods[0]
-    run = Plan(cfg).run_config(model, method, 0)
+    model, method = Plan(cfg).matrix.models[0], Plan(cfg).matrix.methods[0]
+    run = Plan(cfg).resolver.run_config(model, method, 0)
     # T_stop == the whole run (toy and paper configs): run.yaml is unchanged
     assert "snapshot_best_within" not in run
     assert validate_run_config(run)["snapshots"] == "best"
-    iterations = Plan(cfg).schedule(model)["iterations"]
-    upi = Plan(cfg).updates_per_iter(model)
+    iterations = Plan(cfg).resolver.schedule(model)["iterations"]
+    upi = Plan(cfg).resolver.updates_per_iter(model)
     cfg["models"][model]["t_stop"] = iterations // 2
-    run = Plan(cfg).run_config(model, method, 0)
+    run = Plan(cfg).resolver.run_config(model, method, 0)
     assert run["snapshot_best_within"] == (iterations // 2) * upi
     assert validate_run_config(run)["snapshot_best_within"] == (iterations // 2) * upi

@@ -233,7 +233,8 @@ def test_cli_end_to_end(assets, tmp_path):
     raw["schedule"]["minibach"] = 2
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     bad = _cli(["--config", "bad.yaml"], tmp_path)
-    assert bad.returncode == 2 and "schedule.minibach" in bad.stderr and "minibatch" in bad.stderr
+    assert bad.returncode == 2 and "schedule: unknown key 'minibach'" in bad.stderr
+    assert "did you mean 'minibatch'" in bad.stderr
 
 
 def test_wandb_offline_run_is_named_and_resumable(assets, tmp_path, monkeypatch):

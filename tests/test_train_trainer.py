@@ -296,3 +296,32 @@ def test_anchor_switch_is_identical_with_transformers_generation(assets, tmp_pat
         trainer.train()
         out.append(strip(read_metrics(trainer.args.metrics_path)))
     assert out[0] == out[1]
+
+
+def test_a_new_rules_diagnostics_reach_metrics_jsonl(assets, tmp_path):
+    """A rule registered outside the package: its own metric names appear in every train record
+    with no trainer edit, reduced per optimizer step (token-weighted mean over micro-steps)."""
+    from cppo.rules import registry
+    from cppo.rules.base import RuleOutput
+
+    @registry.register_rule("probe_rule")
+    def probe_rule(batch, cfg):
+        ratio = torch.exp(batch.log_ratio())
+        adv = batch.advantages_2d()
+        loss = torch.where(batch.mask, -(ratio * adv), torch.zeros_like(ratio))
+        metrics = {
+            "probe/one": torch.tensor(1.0),
+            # the share of rows with a real token: 1.0 on every micro-step that runs the rule
+            "probe/rows_with_tokens": batch.mask.any(-1).double().mean(),
+        }
+        return RuleOutput(loss, batch.mask, batch.mask.to(loss.dtype), metrics)
+
+    try:
+        trainer = make_trainer(assets, tmp_path, {"rule": "probe_rule"})
+        trainer.train()
+    finally:
+        registry._REGISTRY.pop("probe_rule")
+    records = read_metrics(trainer.args.metrics_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for rec in records:
+        assert rec["probe/one"] == 1.0 and rec["probe/rows_with_tokens"] == 1.0

@@ -239,17 +239,13 @@ def trainer_stub(
     model=None,
     validation_fn=evaluate_in_memory,
 ):
-    """An object carrying what CPPOTrainer.run_validation reads, with its two methods.
+    """An object carrying the trainer attributes InLoopValidation reads, and its `run`.
 
     With `model` it validates in memory (no vLLM; the caller replaces the trainer module's
     unwrap_model_for_generation), else through `engine`."""
-    from cppo.training.trainer import CPPOTrainer
+    from cppo.training.validation_callback import InLoopValidation
 
-    class Stub:
-        run_validation = CPPOTrainer.run_validation
-        _validation_sampler = CPPOTrainer._validation_sampler
-
-    stub = Stub()
+    stub = types.SimpleNamespace()
     validation = dict(SAMPLING, benchmarks=[str(bench_path)], batch_size=64)
     stub.args = types.SimpleNamespace(
         validation=validation,
@@ -270,7 +266,7 @@ def trainer_stub(
     stub.callback_handler = types.SimpleNamespace(on_log=lambda args, state, control, logs: control)
     stub.state = types.SimpleNamespace(global_step=4)
     stub.control = None
-    stub._validation_fn = validation_fn
+    stub.run_validation = InLoopValidation(stub, validation_fn).run
     stub.use_vllm = model is None
     stub.vllm_generation = _FakeGeneration(engine) if model is None else None
     stub.model_wrapped = model
@@ -283,11 +279,11 @@ def gathered(model, accelerator, **kw):
 
 
 def test_trainer_validates_through_the_synced_engine(tmp_path, monkeypatch):
-    import cppo.training.trainer as trainer_module
+    import cppo.training.validation_callback as callback_module
 
     # the engine function with the fake SamplingParams (vLLM is not installed here)
     monkeypatch.setattr(
-        trainer_module,
+        callback_module,
         "vllm_engine_validation",
         lambda llm: vllm_engine_validation(llm, sampling_params=FakeSamplingParams),
     )
@@ -309,9 +305,9 @@ def test_trainer_validates_through_the_synced_engine(tmp_path, monkeypatch):
 def test_a_user_validation_fn_gets_only_the_documented_keywords(tmp_path, monkeypatch):
     # the run's chat template options go to the built-in functions only: a user function
     # written against ValidationFn (no **kw) must not get a keyword it does not take
-    import cppo.training.trainer as trainer_module
+    import cppo.training.validation_callback as callback_module
 
-    monkeypatch.setattr(trainer_module, "unwrap_model_for_generation", gathered)
+    monkeypatch.setattr(callback_module, "unwrap_model_for_generation", gathered)
     bench_path = write_bench(tmp_path / "val.jsonl")
     seen = []
 
@@ -347,10 +343,10 @@ def test_a_user_validation_fn_gets_only_the_documented_keywords(tmp_path, monkey
 def test_sharded_in_memory_validation_needs_gathered_zero3_weights(tmp_path, monkeypatch):
     # without the gather each process's generate would all-gather layers with the others,
     # which cannot work while they sample different problems: refused, not a hang
-    import cppo.training.trainer as trainer_module
+    import cppo.training.validation_callback as callback_module
 
-    monkeypatch.setattr(trainer_module, "unwrap_model_for_generation", gathered)
-    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(callback_module, "unwrap_model_for_generation", gathered)
+    monkeypatch.setattr(callback_module, "is_deepspeed_zero3_enabled", lambda: True)
     model, tok = make_tiny_model(seed=0)
     stub = trainer_stub(None, tok, write_bench(tmp_path / "val.jsonl"), world=2, model=model)
     stub.args.ds3_gather_for_generation = False
@@ -489,9 +485,9 @@ def _worker(rank: int, world: int, store: str, out: str, bench: str, tiny: str) 
             TransformersBackend.generate = original
             results["in_memory"] = {"summaries": got, "calls": calls}
             # the trainer's run_validation on every rank, with the engine
-            import cppo.training.trainer as trainer_module
+            import cppo.training.validation_callback as callback_module
 
-            trainer_module.vllm_engine_validation = lambda llm: vllm_engine_validation(
+            callback_module.vllm_engine_validation = lambda llm: vllm_engine_validation(
                 llm, sampling_params=FakeSamplingParams
             )
             stub = trainer_stub(FakeEngine(tok), tok, bench, rank=rank, world=world)
@@ -567,7 +563,7 @@ def _empty_shard_worker(rank: int, world: int, store: str, out: str, bench: str,
     import transformers.generation.utils as generation_utils
     from transformers import AutoModelForCausalLM
 
-    import cppo.training.trainer as trainer_module
+    import cppo.training.validation_callback as callback_module
 
     torch.set_num_threads(1)
     # a timeout turns misaligned collectives into an error instead of a hang
@@ -582,7 +578,7 @@ def _empty_shard_worker(rank: int, world: int, store: str, out: str, bench: str,
         # ZeRO-3 as generate sees it: by default it would step every process's decoding
         # together (one all_reduce per token)
         generation_utils.is_deepspeed_zero3_enabled = lambda: True
-        trainer_module.unwrap_model_for_generation = gathered
+        callback_module.unwrap_model_for_generation = gathered
         model = AutoModelForCausalLM.from_pretrained(tiny)
         synced = []
         original = model.generate

@@ -10,14 +10,12 @@ rule manifest:
     output:
         f"{R}/manifest.json",
     params:
-        manifest=json.dumps(PLAN.manifest()),
+        # the manifest itself, so that a config change that changes it reruns the job
+        manifest=MANIFEST,
     log:
         f"{R}/logs/manifest.log",
-    conda:
-        PLAN.env_file()
-    shell:
-        "python -m cppo.pipeline write --format json --data {params.manifest:q} --out {output}"
-        " > {log} 2>&1"
+    run:
+        write_json(params.manifest, output[0])
 
 
 rule aggregate:
@@ -26,15 +24,15 @@ rule aggregate:
         runs=all_done(),
         selections=all_selections(),
         summaries=all_eval_summaries(),
-        benchmarks=benchmark_files(PLAN.used_benchmarks),
+        benchmarks=benchmark_files(PLAN.matrix.used_benchmarks),
     output:
-        expand("{root}/tables/{name}.csv", root=R, name=PLAN.aggregate_csvs()),
+        expand("{root}/tables/{name}.csv", root=R, name=AGGREGATE_CSVS),
     params:
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{R}/logs/aggregate.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline aggregate --manifest {input.manifest} --out-dir {params.outdir}"
         " > {log} 2>&1"
@@ -55,13 +53,14 @@ rule render_table:
             labels={"table": "{table}"},
         ),
     wildcard_constraints:
-        table=alternatives(PLAN.table_names()),
+        table=alternatives(TABLE_NAMES),
     params:
         tables_dir=lambda w, input: os.path.dirname(input.table),
+        caption=lambda w: TABLES[w.table].caption,  # for report/table.rst
     log:
         f"{R}/logs/tables/{{table}}.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline table --manifest {input.manifest} --tables-dir {params.tables_dir}"
         " --name {wildcards.table} > {log} 2>&1"

@@ -1,15 +1,20 @@
 # Shared state for the workflow files: the validated config and the job matrix
-# (cppo.pipeline.plan.Plan) plus small helpers. Kept free of rules on purpose.
-import json
+# (cppo.pipeline.plan.Plan: PLAN.matrix for runs and paths, PLAN.resolver for run settings,
+# PLAN.commands for command lines and resources) plus small helpers. Kept free of rules on purpose.
 import re
 import sys
 
 from snakemake.exceptions import WorkflowError
 
+from cppo.pipeline.aggregate import output_csvs
+from cppo.pipeline.commands import format_cli_args
 from cppo.pipeline.config import ConfigError
+from cppo.pipeline.figures import figure_specs
+from cppo.pipeline.jobs import write_json, write_yaml
 from cppo.pipeline.plan import Plan
 from cppo.pipeline.resources import check as resource_check
 from cppo.pipeline.resources import format_report
+from cppo.pipeline.tables import TABLES, table_names
 
 try:
     PLAN = Plan(config)
@@ -25,8 +30,16 @@ if RESOURCES.rows and workflow.is_main_process:
 if not RESOURCES.ok:
     raise WorkflowError(str(ConfigError(RESOURCES.errors))) from None
 
-R = PLAN.root
+R = PLAN.matrix.root
 PIPE = "python -m cppo.pipeline"
+
+# What the aggregate, plot and report steps read, and the tables and figures they make, named
+# by their owners (cppo.pipeline.tables.TABLES, cppo.pipeline.figures.figure_specs).
+MANIFEST = PLAN.manifest()
+TABLE_NAMES = table_names(MANIFEST)
+FIGURES = figure_specs(MANIFEST)
+FIGURE_NAMES = list(FIGURES)
+AGGREGATE_CSVS = output_csvs(MANIFEST)
 
 
 def alternatives(names):
@@ -35,48 +48,46 @@ def alternatives(names):
 
 
 wildcard_constraints:
-    model=alternatives(PLAN.models),
-    method=alternatives(PLAN.methods),
+    model=alternatives(PLAN.matrix.models),
+    method=alternatives(PLAN.matrix.methods),
     seed=r"\d+",
 
 
 def run_done(w):
-    return PLAN.done_path(w.model, w.method, w.seed)
+    return PLAN.matrix.done_path(w.model, w.method, w.seed)
 
 
 def all_done():
-    return [PLAN.done_path(*run) for run in PLAN.runs]
+    return [PLAN.matrix.done_path(*run) for run in PLAN.matrix.runs]
 
 
 def all_selections():
-    if not PLAN.eval_checkpoints:
+    if not PLAN.matrix.eval_checkpoints:
         return []
-    return [PLAN.selection_path(*run) for run in PLAN.runs]
+    return [PLAN.matrix.selection_path(*run) for run in PLAN.matrix.runs]
 
 
 def all_eval_summaries():
     return [
         path
-        for run in PLAN.runs
-        for ckpt in PLAN.eval_checkpoints
-        for path in PLAN.eval_summaries(*run, ckpt)
+        for run in PLAN.matrix.runs
+        for ckpt in PLAN.matrix.eval_checkpoints
+        for path in PLAN.matrix.eval_summaries(*run, ckpt)
     ]
 
 
 def benchmark_files(names):
-    return [PLAN.benchmark_path(b) for b in names]
+    return [PLAN.matrix.benchmark_path(b) for b in names]
 
 
 def res(step, key):
     """A resource of a per-model step (train, evaluate) as an input function of the wildcards;
     None leaves the resource out (e.g. `nodes` of a single-node job)."""
-    return lambda w: PLAN.snakemake_resources(step, w.model)[key]
+    return lambda w: PLAN.commands.snakemake_resources(step, w.model)[key]
 
 
 def format_dapo_args(dapo):
     """Options of `python -m cppo.pipeline dapo` from the data.dapo_math_17k block."""
-    from cppo.pipeline.plan import format_cli_args
-
     if dapo.get("local_file"):
         opts = {"source-file": dapo["local_file"], "sha256": dapo.get("sha256")}
     else:
@@ -92,7 +103,7 @@ def format_dapo_args(dapo):
 
 def initial_model_args(model):
     """--initial-model [--initial-revision] of `cppo.pipeline select` (the step-0 model)."""
-    path, revision = PLAN.initial_model(model)
+    path, revision = PLAN.matrix.initial_model(model)
     args = f"--initial-model {path}"
     return f"{args} --initial-revision {revision}" if revision else args
 
@@ -103,7 +114,5 @@ FIG_EXTS = ["png", "pdf"]
 
 def wandb_args(wb):
     """Options of `python -m cppo.pipeline publish` from publish.wandb."""
-    from cppo.pipeline.plan import format_cli_args
-
     args = format_cli_args({"project": wb["project"], "entity": wb["entity"], "mode": wb["mode"]})
     return " ".join([args, *(format_cli_args({"tag": t}) for t in wb["tags"])])

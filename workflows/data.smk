@@ -13,17 +13,17 @@ rule toy_data:
         test=f"{R}/data/toy/test.jsonl",
         meta=f"{R}/data/toy/meta.json",
     params:
-        toy=PLAN.command("toy"),
+        toy=PLAN.commands.command("toy"),
         outdir=lambda w, output: os.path.dirname(output.train),
         seed=PLAN.cfg["toy"]["data"]["seed"],
-        args=PLAN.toy_args("data"),
+        args=PLAN.commands.toy_args("data"),
     log:
         f"{R}/logs/data/toy_data.log",
-    threads: PLAN.threads("toy_data")
+    threads: PLAN.commands.threads("toy_data")
     resources:
-        **PLAN.snakemake_resources("toy_data"),
+        **PLAN.commands.snakemake_resources("toy_data"),
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "{params.toy} data --out {params.outdir} --seed {params.seed} {params.args} > {log} 2>&1"
 
@@ -36,11 +36,11 @@ rule dapo_math_17k:
         args=lambda w: format_dapo_args(PLAN.cfg["data"].get("dapo_math_17k", {})),
     log:
         f"{R}/logs/data/dapo_math_17k.log",
-    threads: PLAN.threads("dapo")
+    threads: PLAN.commands.threads("dapo")
     resources:
-        **PLAN.snakemake_resources("dapo"),
+        **PLAN.commands.snakemake_resources("dapo"),
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline dapo --out {output.train} {params.args} > {log} 2>&1"
 
@@ -49,10 +49,10 @@ rule export_benchmark:
     output:
         f"{R}/data/benchmarks/{{bench}}.jsonl",
     wildcard_constraints:
-        bench=alternatives(PLAN.registry_benchmarks),
+        bench=alternatives(PLAN.matrix.registry_benchmarks),
     log:
         f"{R}/logs/data/benchmark_{{bench}}.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline export-benchmark --name {wildcards.bench} --out {output} > {log} 2>&1"

@@ -10,12 +10,12 @@ rule select_checkpoints:
         f"{R}/selection/{{model}}/{{method}}/seed{{seed}}.json",
     params:
         run_dir=lambda w, input: os.path.dirname(input.done),
-        t_stop=lambda w: PLAN.t_stop_steps(w.model),
+        t_stop=lambda w: PLAN.resolver.t_stop_steps(w.model),
         initial=lambda w: initial_model_args(w.model),
     log:
         f"{R}/logs/select/{{model}}/{{method}}/seed{{seed}}.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline select --run-dir {params.run_dir} --t-stop-steps {params.t_stop}"
         " {params.initial} --out {output} > {log} 2>&1"
@@ -29,23 +29,23 @@ rule evaluate:
         expand(
             "{root}/eval/{{model}}/{{method}}/seed{{seed}}/{ckpt}/{bench}.summary.json",
             root=R,
-            ckpt=PLAN.eval_checkpoints,
+            ckpt=PLAN.matrix.eval_checkpoints,
             bench=PLAN.cfg["evaluation"]["benchmarks"],
         ),
     params:
-        evaluate=PLAN.command("evaluate"),
+        evaluate=PLAN.commands.command("evaluate"),
         out_root=lambda w: f"{R}/eval/{w.model}/{w.method}/seed{w.seed}",
-        ckpts=" ".join(PLAN.eval_checkpoints),
-        args=lambda w: PLAN.eval_args(w.model),
+        ckpts=" ".join(PLAN.matrix.eval_checkpoints),
+        args=lambda w: PLAN.commands.eval_args(w.model),
     log:
         f"{R}/logs/eval/{{model}}/{{method}}/seed{{seed}}.log",
-    threads: lambda w: PLAN.threads("evaluate", w.model)
+    threads: lambda w: PLAN.commands.threads("evaluate", w.model)
     resources:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
     conda:
-        lambda w: PLAN.env_file(w.model)
+        lambda w: PLAN.commands.env_file(w.model)
     shell:
         "OMP_NUM_THREADS={threads} python -m cppo.pipeline evaluate-run"
         " --selection {input.selection} --checkpoints {params.ckpts} --out-root {params.out_root}"

@@ -15,13 +15,14 @@ rule figure:
         ),
         pdf=f"{R}/figures/{{figure}}.pdf",
     wildcard_constraints:
-        figure=alternatives(PLAN.figure_names()),
+        figure=alternatives(FIGURE_NAMES),
     params:
         prefix=lambda w, output: os.path.splitext(output.png)[0],
+        caption=lambda w: FIGURES[w.figure].caption,  # for report/figure.rst
     log:
         f"{R}/logs/figures/{{figure}}.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "MPLBACKEND=Agg python -m cppo.pipeline figure --manifest {input.manifest}"
         " --name {wildcards.figure} --out-prefix {params.prefix} > {log} 2>&1"

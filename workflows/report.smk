@@ -10,17 +10,17 @@ localrules:
 rule summary:
     input:
         manifest=f"{R}/manifest.json",
-        tables=expand("{root}/tables/{name}.md", root=R, name=PLAN.table_names()),
-        figures=expand("{root}/figures/{name}.png", root=R, name=PLAN.figure_names()),
+        tables=expand("{root}/tables/{name}.md", root=R, name=TABLE_NAMES),
+        figures=expand("{root}/figures/{name}.png", root=R, name=FIGURE_NAMES),
     output:
         report(f"{R}/summary.md", caption="report/summary.rst", category="Summary"),
     params:
-        tables=PLAN.table_names(),
-        figures=PLAN.figure_names(),
+        tables=TABLE_NAMES,
+        figures=FIGURE_NAMES,
     log:
         f"{R}/logs/summary.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline summary --manifest {input.manifest} --tables {params.tables}"
         " --figures {params.figures} --out {output} > {log} 2>&1"
@@ -37,7 +37,7 @@ rule publish_wandb:
     log:
         f"{R}/logs/publish_wandb.log",
     conda:
-        PLAN.env_file()
+        PLAN.commands.env_file()
     shell:
         "python -m cppo.pipeline publish --manifest {input.manifest} {params.args} --out {output}"
         " > {log} 2>&1"

@@ -11,32 +11,31 @@ rule run_config:
     output:
         f"{R}/configs/{{model}}/{{method}}/seed{{seed}}.yaml",
     params:
-        cfg=lambda w: json.dumps(PLAN.run_config(w.model, w.method, w.seed)),
+        # the run.yaml itself, so that a config change that changes it reruns the job
+        cfg=lambda w: PLAN.resolver.run_config(w.model, w.method, w.seed),
     log:
         f"{R}/logs/configs/{{model}}/{{method}}/seed{{seed}}.log",
-    conda:
-        PLAN.env_file()
-    shell:
-        "python -m cppo.pipeline write --format yaml --data {params.cfg:q} --out {output} > {log} 2>&1"
+    run:
+        write_yaml(params.cfg, output[0])
 
 
 rule train:
     input:
         cfg=f"{R}/configs/{{model}}/{{method}}/seed{{seed}}.yaml",
-        data=PLAN.train_data,
-        model=lambda w: PLAN.model_inputs(w.model),
+        data=PLAN.matrix.train_data,
+        model=lambda w: PLAN.matrix.model_inputs(w.model),
         benchmarks=benchmark_files(PLAN.cfg["validation"]["benchmarks"]),
     output:
         f"{R}/runs/{{model}}/{{method}}/seed{{seed}}/DONE",
     params:
         state=lambda w, output: os.path.dirname(output[0]),
-        trainer=lambda w: PLAN.train_command(w.method, w.model),
+        trainer=lambda w: PLAN.commands.train_command(w.method, w.model),
         # CPU threads per trainer process (one process per GPU under accelerate); `threads` is
         # the job's (per node), as granted (capped by --cores on a local run)
-        omp=lambda w, threads: max(1, threads // PLAN.processes_per_node(w.model)),
+        omp=lambda w, threads: max(1, threads // PLAN.commands.processes_per_node(w.model)),
     log:
         f"{R}/logs/train/{{model}}/{{method}}/seed{{seed}}.log",
-    threads: lambda w: PLAN.threads("train", w.model)
+    threads: lambda w: PLAN.commands.threads("train", w.model)
     # a run longer than its wall time takes several jobs, each resuming from the last
     # checkpoint: enough retries for the longest estimated run (None: the profile's --retries)
     retries: RESOURCES.train_retries()
@@ -44,13 +43,13 @@ rule train:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
-        # multi-node jobs only (None otherwise): see Plan.snakemake_resources
+        # multi-node jobs only (None otherwise): see Plan.commands.snakemake_resources
         nodes=res("train", "nodes"),
         tasks_per_node=res("train", "tasks_per_node"),
         cpus_per_task=res("train", "cpus_per_task"),
         mpi=res("train", "mpi"),
     conda:
-        lambda w: PLAN.env_file(w.model)
+        lambda w: PLAN.commands.env_file(w.model)
     shell:
         "OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp}"
         " python -m cppo.pipeline train-job --run-config {input.cfg} --state-dir {params.state}"

@@ -1,7 +1,7 @@
 """Command line of the pipeline steps: `python -m cppo.pipeline <command> ...`.
 
-Commands used by the Snakemake rules: write, train-job, select, evaluate-run,
-export-benchmark, dapo, prefetch, aggregate, table, figure, summary, publish.
+Commands used by the Snakemake rules: train-job, select, evaluate-run, export-benchmark, dapo,
+prefetch, aggregate, table, figure, summary, publish.
 For people: validate (check config files), check-resources (per-GPU memory, GPU-hours and disk
 of the GPU training jobs; refuses a config that cannot fit) and resolve (print one run's run.yaml).
 """
@@ -12,8 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import yaml
 
 
 def _checked_plan(configs: list[str]):
@@ -43,7 +41,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not report.ok:
         print(ConfigError(report.errors), file=sys.stderr)
         return 1
-    print(f"ok: profile {plan.profile}, {len(plan.runs)} training runs")
+    print(f"ok: profile {plan.matrix.profile}, {len(plan.matrix.runs)} training runs")
     return 0
 
 
@@ -57,20 +55,13 @@ def _cmd_check_resources(args: argparse.Namespace) -> int:
     return 0 if checked[1].ok else 1
 
 
-def _cmd_write(args: argparse.Namespace) -> int:
-    from cppo.pipeline.jobs import write_json, write_yaml
-
-    data = json.loads(args.data)
-    (write_yaml if args.format == "yaml" else write_json)(data, args.out)
-    return 0
-
-
 def _cmd_resolve(args: argparse.Namespace) -> int:
     from cppo.pipeline.config import load_config
+    from cppo.pipeline.jobs import yaml_text
     from cppo.pipeline.plan import Plan
 
     plan = Plan(load_config(*args.configs))
-    print(yaml.safe_dump(plan.run_config(args.model, args.method, args.seed), sort_keys=False))
+    print(yaml_text(plan.resolver.run_config(args.model, args.method, args.seed)))
     return 0
 
 
@@ -208,12 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True)
     s.add_argument("--seed", type=int, required=True)
     s.set_defaults(func=_cmd_resolve)
-
-    s = sub.add_parser("write", help="write JSON data given on the command line to a file")
-    s.add_argument("--format", choices=["json", "yaml"], required=True)
-    s.add_argument("--data", required=True, help="a JSON document")
-    s.add_argument("--out", required=True)
-    s.set_defaults(func=_cmd_write)
 
     s = sub.add_parser("train-job", help="start or resume one training run")
     s.add_argument("--run-config", required=True)

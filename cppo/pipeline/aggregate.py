@@ -52,6 +52,8 @@ STATUS_COLUMNS = [
 
 
 METRIC_COLUMNS = ["model", "method", "seed", "metric", "value"]
+# the CSVs beside the tables' own (one per table of cppo.pipeline.tables.TABLES)
+LONG_CSVS = ("validation_long", "run_status")
 
 # binding.csv metric -> the training-record keys it reads (the first one a run logged wins)
 BINDING_KEYS = {
@@ -108,6 +110,14 @@ def binding_values(train: list[dict[str, Any]]) -> dict[str, float]:
     if prefix and masked > 0:
         out["prefix_share"] = 100.0 * sum(float(r["mask/prefix_fraction"]) for r in prefix) / masked
     return out
+
+
+def output_csvs(manifest: dict[str, Any]) -> list[str]:
+    """The CSVs the aggregate step declares: the long ones and one per table the results
+    directory has (write_all writes them, and posthoc.csv whether or not it is shown)."""
+    from cppo.pipeline.tables import table_names
+
+    return [*LONG_CSVS, *table_names(manifest)]
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

@@ -1,27 +1,46 @@
 """Workflow configuration: loading, defaults and validation with errors that name the key.
 
-`validate(cfg)` checks a config against schema.yaml (which rejects unknown keys everywhere except
-the explicit pass-through maps) and then the cross-references JSON Schema cannot express (a run
-list naming an unknown method, a benchmark used but not defined, Table 3 batch arithmetic...).
-Every message starts with the dotted key path, e.g.
+`validate(cfg)` merges the config's method catalogue, checks the result against schema.yaml
+(which rejects unknown keys everywhere except the explicit pass-through maps and holds every
+constant default) with the project's one JSON-schema validator (cppo.config_schema), fills the
+defaults, and then checks the cross-references JSON Schema cannot express (a run list naming an
+unknown method, a benchmark used but not defined, Table 3 batch arithmetic...). Every message
+starts with the dotted key path, e.g.
 ``models.toy-s-base.schedule: unknown key 'prompt_per_iter' (did you mean 'prompts_per_iter'?)``.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-from collections.abc import Iterable, Mapping
-from functools import cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+from cppo import config_schema
+from cppo.config_schema import deep_merge, fill_defaults
+from cppo.config_schema import suggest as _suggest
+from cppo.divergence import DIVERGENCE_KINDS
 
-TRUST_REGION_KEYS = ("delta", "delta_b", "adaptive_delta_b", "w_min")
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+# relative paths in a config (method_catalogue) are relative to the repository root
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_schema() -> dict[str, Any]:
+    """schema.yaml with its name lists taken from their owners: the divergence kinds
+    (cppo.divergence) and the trust-region keys a method can take from its model."""
+    schema = config_schema.load_schema(SCHEMA_PATH)  # cached: filled once, idempotent
+    defs = schema["$defs"]
+    defs["divergence"]["properties"]["kind"]["enum"] = list(DIVERGENCE_KINDS)
+    from_model = schema["properties"]["methods"]["additionalProperties"]["properties"]["from_model"]
+    from_model["items"]["enum"] = list(defs["trust_region"]["properties"])
+    return schema
+
+
+# the Table 3 trust-region keys a method can take from its model (from_model)
+TRUST_REGION_KEYS = tuple(load_schema()["$defs"]["trust_region"]["properties"])
 SCHEDULE_KEYS = (
     "prompts_per_iter",
     "n",
@@ -36,45 +55,7 @@ SCHEDULE_KEYS = (
 )
 # optional schedule keys, written into run.yaml only when given (absent = the trainer's default)
 OPTIONAL_SCHEDULE_KEYS = ("micro_batch",)
-
-# Defaults, filled in by normalize(); anything not here must be given by the config.
-SCHEDULE_DEFAULTS = {"learning_rate": 1e-6, "warmup_steps": 0, "temperature": 1.0}
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "anchor": "rollout",
-    "loss_agg_mode": "token-mean",
-    "scale_rewards": "group",
-    "cast_lm_head_to_fp32": False,
-    "divergence": {"kind": "topk_tv", "topk": 20},
-    "backend": "transformers",
-    "bf16": False,
-    "use_cpu": True,
-    "report_to": "none",
-    "save_every": None,
-    "extra": {},
-}
-VALIDATION_DEFAULTS = {
-    "k": 16,
-    "temperature": 0.7,
-    "top_p": 0.95,
-    "max_new_tokens": None,
-    "batch_size": 64,
-}
-COMMAND_DEFAULTS = {
-    "train": {"launcher": "python -m", "module": "cppo.train"},
-    "evaluate": {"launcher": "python -m", "module": "evaluation"},
-    "toy": {"launcher": "python -m", "module": "cppo.toy"},
-}
-RESOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "default": {"threads": 1, "gpus": 0, "mem_mb": 4000, "runtime": 60},
-    "toy_data": {},
-    "toy_model": {},
-    "warm_start": {"threads": 2},
-    # an H100 80GB reports 81559 MiB = 79.6 GiB of device memory
-    "train": {"nodes": 1, "gpu_mem_gib": 79.6},
-    "evaluate": {},
-    "dapo": {"mem_mb": 16000},
-}
-# `accelerate launch` flags the pipeline sets from a model's train resources (Plan.train_command)
+# `accelerate launch` flags the pipeline sets from a model's train resources (Commands.train_command)
 ACCELERATE_MANAGED_FLAGS = (
     "--num_processes",
     "--num_machines",
@@ -82,13 +63,6 @@ ACCELERATE_MANAGED_FLAGS = (
     "--main_process_ip",
     "--main_process_port",
 )
-DAPO_DEFAULTS = {
-    "hub_id": "BytedTsinghua-SIA/DAPO-Math-17k",
-    "filename": "data/dapo-math-17k.parquet",
-    "sha256": None,
-    "local_file": None,
-    "dedupe": "prompt",
-}
 
 
 class ConfigError(ValueError):
@@ -100,23 +74,6 @@ class ConfigError(ValueError):
         super().__init__(f"invalid pipeline config ({len(self.errors)} problem(s)):\n{lines}")
 
 
-@cache
-def load_schema() -> dict[str, Any]:
-    with SCHEMA_PATH.open() as fh:
-        return yaml.safe_load(fh)
-
-
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict update, the way Snakemake merges several --configfile files."""
-    out = copy.deepcopy(dict(base))
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def load_config(*paths: str | Path) -> dict[str, Any]:
     """Read and merge YAML config files (later files win), without validating."""
     cfg: dict[str, Any] = {}
@@ -126,154 +83,31 @@ def load_config(*paths: str | Path) -> dict[str, Any]:
     return cfg
 
 
-# --- schema errors -----------------------------------------------------------------------------
-
-
-def key_path(parts: Iterable[Any]) -> str:
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "<top level>"
-
-
-def _join(path: str, key: str) -> str:
-    return key if path == "<top level>" else f"{path}.{key}"
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _format_schema_error(err: jsonschema.ValidationError) -> list[str]:
-    path = key_path(err.absolute_path)
-    schema = err.schema if isinstance(err.schema, dict) else {}
-    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-        allowed = sorted(schema.get("properties", {}))
-        extra = [k for k in err.instance if k not in schema.get("properties", {})]
-        if allowed:
-            return [
-                f"{path}: unknown key '{k}'{_suggest(k, allowed)}; allowed: {', '.join(allowed)}"
-                for k in extra
-            ]
-        return [f"{path}: unknown key '{k}'" for k in extra]
-    if err.validator == "required":
-        missing = err.message.split("'")[1] if "'" in err.message else err.message
-        return [f"{_join(path, missing)}: missing required key"]
-    if err.validator == "propertyNames" or "propertyNames" in err.absolute_schema_path:
-        return [
-            f"{path}: invalid name {err.instance!r} (use letters and digits, separated by "
-            "single '.', '_' or '-')"
-        ]
-    if err.validator == "enum":
-        return [f"{path}: {err.instance!r} is not one of {err.validator_value}"]
-    if err.validator == "type":
-        return [f"{path}: expected {err.validator_value}, got {err.instance!r}"]
-    if err.validator == "pattern":
-        return [f"{path}: {err.instance!r} does not match the pattern {err.validator_value}"]
-    return [f"{path}: {err.message}"]
-
-
 def schema_errors(cfg: Any) -> list[str]:
-    validator = jsonschema.Draft202012Validator(load_schema())
-    errors: list[str] = []
-    for err in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path))):
-        # propertyNames errors are reported on the parent; keep the message, drop duplicates
-        for msg in _format_schema_error(err):
-            if msg not in errors:
-                errors.append(msg)
-    return errors
-
-
-# --- defaults -------------------------------------------------------------------------------
+    return config_schema.schema_errors(cfg, load_schema())
 
 
 def normalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `cfg` with every optional key filled in (the schema must already pass)."""
+    """A deep copy of `cfg` with every optional key filled in (the schema must already pass):
+    the schema's defaults, then the defaults that depend on other keys."""
     c = copy.deepcopy(dict(cfg))
-    c.setdefault("description", "")
-    c.setdefault("schedule", {})
-    for key, value in SCHEDULE_DEFAULTS.items():
-        c["schedule"].setdefault(key, value)
-    c["training"] = deep_merge(TRAINING_DEFAULTS, c.get("training", {}))
-
     data = c["data"]
-    if data["train"]["source"] == "dapo_math_17k" or "dapo_math_17k" in data:
-        data["dapo_math_17k"] = deep_merge(DAPO_DEFAULTS, data.get("dapo_math_17k", {}))
-
-    toy = c.setdefault("toy", {})
-    toy.setdefault("data", {}).setdefault("seed", 0)
-    for step in ("data", "tokenizer", "model", "warm_start"):
-        toy.setdefault(step, {}).setdefault("args", {})
+    if data["train"]["source"] == "dapo_math_17k":
+        data.setdefault("dapo_math_17k", {})  # its keys have schema defaults
+    fill_defaults(c, load_schema())
 
     for name, bench in c["benchmarks"].items():
         bench.setdefault("label", name)
-
-    val = c["validation"]
-    for key, value in VALIDATION_DEFAULTS.items():
-        val.setdefault(key, value)
-
-    ev = c.setdefault("evaluation", {})
-    ev.setdefault("enabled", True)
+    val, ev = c["validation"], c["evaluation"]
     ev.setdefault("benchmarks", list(val["benchmarks"]))
-    ev.setdefault("checkpoints", ["best", "final"])
-    for key in ("k", "temperature", "top_p", "max_new_tokens"):
+    for key in ("k", "temperature", "top_p", "max_new_tokens", "batch_size"):
         ev.setdefault(key, val[key])
-    ev.setdefault("seed", 0)
     ev.setdefault("backend", c["training"]["backend"])
-    ev.setdefault("grading_mode", "both")
-    ev.setdefault("batch_size", val["batch_size"])
-    ev.setdefault("args", {})
-
-    for name, model in c["models"].items():
-        model.setdefault("label", name)
-        model.setdefault("stands_for", None)
-        if "toy" in model:
-            model["toy"].setdefault("seed", 0)
-        if "hub" in model:
-            model["hub"].setdefault("prefetch", False)
-        model.setdefault("trust_region", {})
-        model.setdefault("env", "cpu")
-        model.setdefault("training", {})
-        model.setdefault("method_overrides", {})
-        res = model.setdefault("resources", {})
-        res.setdefault("train", {})
-        res.setdefault("evaluate", {})
-
-    for name, method in c["methods"].items():
-        method.setdefault("label", name)
-        method.setdefault("color", None)
-        method.setdefault("description", "")
-        method.setdefault("params", {})
-        method.setdefault("from_model", [])
-        method.setdefault("divergence", None)
-        method.setdefault("module", None)
-
-    figs = c.setdefault("figures", {})
-    figs.setdefault("smoothing", 0.8)
-    figs.setdefault("dpi", 150)
-    figs.setdefault("ablations", [])
-    for fig in figs["ablations"]:
+    for name, entry in [*c["models"].items(), *c["methods"].items()]:
+        entry.setdefault("label", name)
+    for fig in c["figures"]["ablations"]:
         fig.setdefault("title", fig["name"])
-
-    c.setdefault("report", {}).setdefault("title", f"CPPO reproduction: {c['profile']}")
-    c.setdefault("paper_comparison", False)
-    collapse = c.setdefault("collapse", {})
-    collapse.setdefault("nonfinite_keys", ["reward/mean", "grad_norm"])
-    collapse.setdefault("val_fraction", None)
-    collapse.setdefault("consecutive", 2)
-    wb = c.setdefault("publish", {}).setdefault("wandb", {})
-    wb.setdefault("enabled", False)
-    wb.setdefault("project", "cppo-repro")
-    wb.setdefault("entity", None)
-    wb.setdefault("mode", "online")
-    wb.setdefault("tags", [])
-
-    c["commands"] = deep_merge(COMMAND_DEFAULTS, c.get("commands", {}))
-    c["resources"] = deep_merge(RESOURCE_DEFAULTS, c.get("resources", {}))
+    c["report"].setdefault("title", f"CPPO reproduction: {c['profile']}")
     return c
 
 
@@ -524,8 +358,27 @@ def models_use_toy(c: Mapping[str, Any]) -> bool:
     return any(c["models"][m]["source"] == "toy" for m in c["run"]["models"] if m in c["models"])
 
 
+def with_method_catalogue(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`cfg` with the methods of its `method_catalogue` file (a path relative to the repository
+    root, or absolute) under its own `methods:` entries, which are merged over them key by key."""
+    path = cfg.get("method_catalogue") if isinstance(cfg, Mapping) else None
+    if not path:
+        return dict(cfg)
+    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    if not file.is_file():
+        raise ConfigError([f"method_catalogue: no such file {str(file)!r}"])
+    with file.open() as fh:
+        catalogue = yaml.safe_load(fh) or {}
+    if not isinstance(catalogue, Mapping) or set(catalogue) != {"methods"}:
+        raise ConfigError([f"method_catalogue: {path} must hold one top-level key, 'methods'"])
+    out = dict(cfg)
+    out["methods"] = deep_merge(catalogue["methods"] or {}, cfg.get("methods") or {})
+    return out
+
+
 def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a raw config; returns the normalized config or raises ConfigError."""
+    cfg = with_method_catalogue(cfg)
     errors = schema_errors(cfg)
     if errors:
         raise ConfigError(errors)

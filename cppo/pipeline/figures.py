@@ -5,14 +5,8 @@ optimizer steps, divided here by the model's updates per iteration. Each method 
 in every figure (the manifest's colour map). With several seeds a line is the mean over seeds
 and the shaded band its 95% Student-t interval (cppo.pipeline.stats).
 
-- fig4_validation: validation mean Avg@k per model, one line per method, T_stop marked.
-- diagnostics_<model> (Fig. 8-11): per-benchmark validation, training reward (EMA-smoothed),
-  mean response length, relative log-prob error between rollout engine and trainer.
-- fig7_prefix_budget: mean effective delta_b and the prefix-budget share of masked tokens.
-- binding: masked / clipped share of terms over training and per method (run mean, 95% CI).
-- fig2_position_deviation: |pi - mu| of the sampled token by relative position bin (mean and
-  top-10% tail), beside CPPO's per-token limit delta / w_t.
-- ablation figures (Fig. 5/6): validation mean of the listed methods.
+Which figures a results directory has, and what each shows, is figure_specs (Fig. 4, 2, 7, the
+rule-binding figure, Fig. 8-11 diagnostics per model and the configured Fig. 5/6 ablations).
 """
 
 from __future__ import annotations
@@ -21,22 +15,33 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from cppo.pipeline.layout import expand_runs
+from cppo.pipeline.runs import RunMetrics, read_metrics
+from cppo.pipeline.stats import seed_stat
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from cppo.pipeline.layout import expand_runs  # noqa: E402
-from cppo.pipeline.runs import RunMetrics, read_metrics  # noqa: E402
-from cppo.pipeline.stats import seed_stat  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PANEL_W, PANEL_H = 4.2, 3.0
 DEVIATION_RE = re.compile(r"^deviation/bin(\d+)/(mean|top10)$")
+
+
+@cache
+def _pyplot() -> ModuleType:
+    """pyplot on the Agg backend, loaded by the first drawing: listing the figures (which the
+    workflow does when it parses) must not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _runs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,6 +153,7 @@ def _grid(n_panels: int, ncols: int | None = None, nrows: int = 1) -> tuple[Figu
     ncols = ncols or max(1, n_panels)
     # at least ~8 inches wide so that the method legend below the panels fits
     width = max(PANEL_W * ncols, 8.0)
+    plt = _pyplot()
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, PANEL_H * nrows + 0.8), squeeze=False)
     return fig, [ax for row in axes for ax in row]
 
@@ -507,29 +513,82 @@ def save(fig: Figure, prefix: str | Path, dpi: int) -> list[Path]:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(f"{prefix.name}.png"), prefix.with_name(f"{prefix.name}.pdf")]
     fig.savefig(paths[0], dpi=dpi)
-    fig.savefig(paths[1])
-    plt.close(fig)
+    # no creation date: the same results give the same bytes (the PNG carries none)
+    fig.savefig(paths[1], metadata={"CreationDate": None})
+    _pyplot().close(fig)
     return paths
 
 
-def builders(manifest: dict[str, Any]) -> dict[str, Callable[[], Figure]]:
-    out: dict[str, Callable[[], Figure]] = {
-        "fig4_validation": lambda: fig_validation(manifest),
-        "fig2_position_deviation": lambda: fig_position_deviation(manifest),
-        "fig7_prefix_budget": lambda: fig_prefix_budget(manifest),
-        "binding": lambda: fig_binding(manifest),
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure of a results directory: what it shows (its report caption) and its drawing."""
+
+    caption: str
+    draw: Callable[[], Figure]
+
+
+VALIDATION_CAPTION = (
+    "Fig. 4: validation mean Avg@k against the training step (iteration), one panel per model "
+    "and one line per method (the mean over seeds); the dashed line is T_stop. With several "
+    "seeds the band is the 95% Student-t interval of the mean."
+)
+BINDING_CAPTION = (
+    "How much each rule binds: the share of terms it masked or clipped over training (top; mean "
+    "over seeds with its 95% interval) and the run mean per method with its 95% interval over "
+    "seeds (bottom; hatched bars: CISPO's and MinPRO's capped importance weights, which reweight "
+    "rather than mask)."
+)
+POSITION_DEVIATION_CAPTION = (
+    "Fig. 2: deviation abs(pi(y_t) - mu(y_t)) of the sampled token by relative position (solid: "
+    "mean, dashed: mean of the top 10%), beside CPPO's per-token limit delta / w_t (dotted)."
+)
+PREFIX_BUDGET_CAPTION = (
+    "Fig. 7: mean effective delta_b per step (top) and the share of tokens the prefix budget "
+    "(rather than the token-level threshold) masked (bottom); CPPO-family methods only."
+)
+DIAGNOSTICS_CAPTION = (
+    "Fig. 8-11 style diagnostics of one model: per-benchmark validation curves, training reward "
+    "(EMA-smoothed), mean response length, the relative log-prob error between the rollout "
+    "engine and the trainer (only logged with a separate rollout engine, e.g. vLLM; left out "
+    "otherwise), policy entropy, the share of terms each rule masked or clipped, and the mean "
+    "divergence D_t."
+)
+ABLATION_CAPTION = (
+    "Ablation (Fig. 5/6 style): validation mean Avg@k of the listed variants against iteration."
+)
+
+
+def figure_specs(manifest: dict[str, Any]) -> dict[str, FigureSpec]:
+    """The figures of a results directory, in report order: the one list of figure names
+    (the workflow's figure jobs and the summary read it from here)."""
+    out = {
+        "fig4_validation": FigureSpec(VALIDATION_CAPTION, lambda: fig_validation(manifest)),
+        "binding": FigureSpec(BINDING_CAPTION, lambda: fig_binding(manifest)),
+        "fig2_position_deviation": FigureSpec(
+            POSITION_DEVIATION_CAPTION, lambda: fig_position_deviation(manifest)
+        ),
+        "fig7_prefix_budget": FigureSpec(
+            PREFIX_BUDGET_CAPTION, lambda: fig_prefix_budget(manifest)
+        ),
     }
     for model in manifest["models"]:
-        out[f"diagnostics_{model}"] = lambda model=model: fig_diagnostics(manifest, model)
+        out[f"diagnostics_{model}"] = FigureSpec(
+            DIAGNOSTICS_CAPTION, lambda model=model: fig_diagnostics(manifest, model)
+        )
     for spec in manifest["figures"]["ablations"]:
-        out[spec["name"]] = lambda spec=spec: fig_validation(
-            manifest, spec["methods"], spec["title"]
+        out[spec["name"]] = FigureSpec(
+            ABLATION_CAPTION,
+            lambda spec=spec: fig_validation(manifest, spec["methods"], spec["title"]),
         )
     return out
 
 
+def figure_names(manifest: dict[str, Any]) -> list[str]:
+    return list(figure_specs(manifest))
+
+
 def make_figure(manifest: dict[str, Any], name: str, prefix: str | Path) -> list[Path]:
-    table = builders(manifest)
-    if name not in table:
-        raise KeyError(f"unknown figure {name!r}; known: {', '.join(table)}")
-    return save(table[name](), prefix, int(manifest["figures"]["dpi"]))
+    specs = figure_specs(manifest)
+    if name not in specs:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(specs)}")
+    return save(specs[name].draw(), prefix, int(manifest["figures"]["dpi"]))

@@ -16,10 +16,23 @@ import yaml
 STATE_MARKER = "pipeline_run.yaml"
 
 
+class _TreeDumper(yaml.SafeDumper):
+    """yaml.safe_dump without anchors: a value that two keys share (a config's YAML alias) is
+    written out at both, so a run.yaml reads as plain keys and values."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def yaml_text(data: Any) -> str:
+    """`data` as YAML, keys in their order (run.yaml: the order of Plan.resolver.run_config)."""
+    return yaml.dump(data, Dumper=_TreeDumper, sort_keys=False)
+
+
 def write_yaml(data: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml_text(data))
 
 
 def write_json(data: Any, path: str | Path) -> None:

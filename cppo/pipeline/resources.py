@@ -589,8 +589,9 @@ def gpu_training_models(plan: Plan) -> list[str]:
     """The models this check covers: hub models trained on GPUs."""
     return [
         m
-        for m in plan.models
-        if plan.cfg["models"][m]["source"] == "hub" and plan.resources("train", m).get("gpus", 0)
+        for m in plan.matrix.models
+        if plan.cfg["models"][m]["source"] == "hub"
+        and plan.commands.resources("train", m).get("gpus", 0)
     ]
 
 
@@ -606,19 +607,19 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
             f"models.{model}.hub.id: no architecture numbers for {entry['hub']['id']!r}; add "
             "them from its config.json to cppo.pipeline.resources.ARCHITECTURES (and THROUGHPUT)"
         )
-    sched = plan.schedule(model)
+    sched = plan.resolver.schedule(model)
     training = model_training(cfg, model)
     extra: Mapping[str, Any] = training["extra"]
     vllm: Mapping[str, Any] = extra.get("vllm", {})
-    res = plan.resources("train", model)
+    res = plan.commands.resources("train", model)
     val = cfg["validation"]
-    per_process = sched["minibatch"] * sched["n"] // plan.world_size(model)
+    per_process = sched["minibatch"] * sched["n"] // plan.commands.world_size(model)
     keep = extra.get("keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS)
     return TrainingJob(
         model=model,
         arch_name=arch_name,
         arch=ARCHITECTURES[arch_name],
-        nodes=plan.nodes(model),
+        nodes=plan.commands.nodes(model),
         gpus_per_node=int(res["gpus"]),
         gpu_mem_gib=float(res["gpu_mem_gib"]),
         zero_stage=zero_stage(cfg["commands"]["train"]["launcher"], root),
@@ -646,7 +647,7 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         keep_checkpoints=None if keep == "all" else int(keep),
         snapshots=str(extra.get("snapshots", DEFAULT_SNAPSHOTS)),
         runtime_min=int(res["runtime"]),
-        runs=len(plan.methods) * len(plan.seeds),
+        runs=len(plan.matrix.methods) * len(plan.matrix.seeds),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -483,23 +484,67 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"model": str, "method": str, "benchmark": str})
 
 
+@dataclass(frozen=True)
+class Table:
+    """A rendered table: its grid from tables/<name>.csv (and run_status.csv), its report
+    caption, and whether a results directory has it (from the manifest)."""
+
+    grid: Callable[[pd.DataFrame, pd.DataFrame, dict[str, Any]], Grid]
+    caption: str
+    shown: Callable[[dict[str, Any]], bool] = lambda manifest: True
+
+
+# The tables of a results directory, in report order: the one list of table names (the
+# workflow's aggregate and render jobs and the summary read it from here). Each is the CSV of
+# the same name written by the aggregate step (cppo.pipeline.aggregate.collect).
+TABLES: dict[str, Table] = {
+    "table1": Table(
+        table1_grid,
+        "Table 1: best validation mean Avg@k within [0, T_stop] per model (columns) and method "
+        "(rows), mean and 95% t-interval over seeds. Bold marks the best method of a column only "
+        "where its interval does not overlap the runner-up's; collapsed runs (config `collapse`) "
+        "are counted in their cell.",
+    ),
+    "table4": Table(
+        table4_grid,
+        "Table 4: per-benchmark validation Avg@k at each run's best-mean checkpoint.",
+    ),
+    "stability": Table(
+        stability_grid,
+        "Stability: per model and method, the validation mean at the start, the best within "
+        "T_stop, the gain, the last validation, the mean of the last two and the net change "
+        "(mean and 95% t-interval over seeds).",
+    ),
+    "binding": Table(
+        binding_grid,
+        "How much each rule binds: the masked or clipped share of terms, capped importance "
+        "weights, CPPO's prefix-budget share of its masks, TRM's rejected responses, mean "
+        "abs(rho - 1) and the mean divergence D_t, averaged over optimizer steps, then over seeds.",
+    ),
+    "posthoc": Table(
+        posthoc_grid,
+        "Independent post-hoc Avg@k (python -m evaluation, fresh sampling seed) of the "
+        "best-within-T_stop and the final checkpoint of every run.",
+        shown=lambda manifest: bool(manifest["evaluation"]["checkpoints"]),
+    ),
+    "paper_diff": Table(
+        lambda diff, status, manifest: paper_diff_grid(diff, manifest),
+        "Reproduced versus reported: the paper's Tables 1 and 4 beside this run's numbers and "
+        "their difference (reproduced minus reported, percentage points).",
+        shown=lambda manifest: bool(manifest["paper_comparison"]),
+    ),
+}
+
+
+def table_names(manifest: dict[str, Any]) -> list[str]:
+    return [name for name, table in TABLES.items() if table.shown(manifest)]
+
+
 def render(manifest: dict[str, Any], tables_dir: str | Path, name: str) -> list[Path]:
     """Render tables/<name>.csv (with run_status.csv) to <name>.md/.tex/.html."""
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}")
     tables_dir = Path(tables_dir)
     status = _read(tables_dir / "run_status.csv")
     df = _read(tables_dir / f"{name}.csv")
-    if name == "table1":
-        grid = table1_grid(df, status, manifest)
-    elif name == "table4":
-        grid = table4_grid(df, status, manifest)
-    elif name == "posthoc":
-        grid = posthoc_grid(df, status, manifest)
-    elif name == "paper_diff":
-        grid = paper_diff_grid(df, manifest)
-    elif name == "stability":
-        grid = stability_grid(df, status, manifest)
-    elif name == "binding":
-        grid = binding_grid(df, status, manifest)
-    else:
-        raise ValueError(f"unknown table {name!r}")
-    return write_grid(grid, tables_dir / name)
+    return write_grid(TABLES[name].grid(df, status, manifest), tables_dir / name)

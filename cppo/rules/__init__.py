@@ -4,11 +4,12 @@ Public API::
 
     from cppo.rules import cppo_mask, dppo_mask            # functional masks
     from cppo.rules import get_rule, available_rules, register_rule
-    from cppo.rules import RuleBatch, RuleOutput, aggregate_loss
+    from cppo.rules import RuleBatch, RuleOutput, aggregate_loss, metrics_to_floats
 
     rule = get_rule("cppo")
     out = rule(RuleBatch(logp, logp_mu, advantages, response_mask, divergence=D), cfg)
     loss = aggregate_loss(out.per_token_loss, response_mask, cfg.get("loss_agg_mode", ...))
+    metrics_to_floats(out.metrics)  # the diagnostics are 0-dim tensors: one copy to the host
 
 Registered rules: grpo, cispo, dppo, cppo, trm_max, trm_avg, minpro and the no-trust-region
 control none (one module each).
@@ -16,8 +17,15 @@ control none (one module each).
 
 from cppo.rules import cispo, cppo, dppo, grpo, minpro, none, trm  # noqa: F401  (registration)
 from cppo.rules.aggregation import AGGREGATION_MODES, aggregate_loss
-from cppo.rules.base import RuleBatch, RuleOutput
-from cppo.rules.cppo import CPPOGate, cppo_gate, cppo_mask, cppo_soft_weight, masked_quantile
+from cppo.rules.base import RuleBatch, RuleOutput, metrics_to_floats
+from cppo.rules.cppo import (
+    CPPOGate,
+    CPPOParams,
+    cppo_gate,
+    cppo_mask,
+    cppo_soft_weight,
+    masked_quantile,
+)
 from cppo.rules.dppo import dppo_mask
 from cppo.rules.registry import (
     Param,
@@ -34,6 +42,7 @@ from cppo.rules.registry import (
 __all__ = [
     "AGGREGATION_MODES",
     "CPPOGate",
+    "CPPOParams",
     "Param",
     "Rule",
     "RuleBatch",
@@ -48,6 +57,7 @@ __all__ = [
     "dppo_mask",
     "get_rule",
     "masked_quantile",
+    "metrics_to_floats",
     "register_rule",
     "resolve_config",
     "rule_divergence",

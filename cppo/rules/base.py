@@ -23,14 +23,19 @@ Conventions (all rules):
   unchanged).
 * Mask-rule surrogate: per-token loss = -weight_t * rho_t * A_t with the gradient flowing
   through rho_t and ``weight`` (0/1 mask or soft gate) detached.
+* Metrics: 0-dim detached tensors on the batch's device (no device-to-host sync inside a rule);
+  :func:`metrics_to_floats` turns them into python floats with one copy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from cppo.rules.ops import masked_mean
 
 __all__ = [
     "RuleBatch",
@@ -42,6 +47,7 @@ __all__ = [
     "masked_surrogate_loss",
     "masked_mean",
     "base_metrics",
+    "metrics_to_floats",
 ]
 
 
@@ -150,13 +156,26 @@ class RuleOutput:
         keep: bool ``[B, T]``, True where the term contributes gradient (False on padding).
         weight: float ``[B, T]``, detached per-token weight (0/1 mask, soft gate value, or the
             clipped IS weight for CISPO/MinPRO), zero on padding.
-        metrics: diagnostics as python floats.
+        metrics: diagnostics as 0-dim detached tensors (see :func:`metrics_to_floats`).
     """
 
     per_token_loss: Tensor
     keep: Tensor
     weight: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def metrics_to_floats(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Rule metrics as python floats, with one device-to-host copy for all of them.
+
+    Each value is widened to float64 first (exact), so it equals ``float(value)``.
+    """
+    if not metrics:
+        return {}
+    values = [torch.as_tensor(v).detach().to(torch.float64).reshape(()) for v in metrics.values()]
+    device = values[0].device
+    floats = torch.stack([v.to(device) for v in values]).tolist()
+    return dict(zip(metrics, floats, strict=True))
 
 
 def outward_mask(log_ratio: Tensor, advantages: Tensor) -> Tensor:
@@ -191,14 +210,6 @@ def masked_surrogate_loss(
     return torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> float:
-    """Mean of x over mask as a python float (0.0 when the mask is empty)."""
-    n = int(mask.sum())
-    if n == 0:
-        return 0.0
-    return float(torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / n)
-
-
 def base_metrics(
     mask: Tensor,
     ratio: Tensor,
@@ -206,12 +217,12 @@ def base_metrics(
     divergence: Tensor | None,
     outward: Tensor | None = None,
     ratio_cap: float | None = None,
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """Diagnostics shared by the rules (keys as in the metrics.jsonl contract); with a ratio
     cap, ``ratio/capped_fraction`` is the share of terms passing gradient whose rho exceeds it."""
     with torch.no_grad():
         r = ratio.detach()
-        m: dict[str, float] = {"ratio/abs_dev_mean": masked_mean((r - 1.0).abs(), mask)}
+        m: dict[str, Tensor] = {"ratio/abs_dev_mean": masked_mean((r - 1.0).abs(), mask)}
         if keep is not None:
             m["mask/fraction"] = masked_mean((~keep).to(r.dtype), mask)
         if divergence is not None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from cppo.rules.base import RuleBatch, RuleOutput, base_metrics, masked_mean, ratio_from_log_ratio
+from cppo.rules.base import RuleBatch, RuleOutput, base_metrics, ratio_from_log_ratio
+from cppo.rules.ops import masked_mean
 from cppo.rules.registry import Param, RuleConfigError, register_rule
 
 __all__ = ["cispo_rule"]

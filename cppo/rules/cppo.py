@@ -1,51 +1,16 @@
-"""CPPO: position-weighted token threshold plus a cumulative prefix budget (Eq. 8-10, Alg. 1).
+"""CPPO: a position-weighted token threshold plus a cumulative prefix budget (Eq. 8-10), as a
+hard keep-mask (Algorithm 1) or a soft gate (App. C), for a ``[B, T]`` batch of left-aligned
+responses with no Python loop over responses or positions.
 
-For one response of length T (positions t = 1..T over its real tokens):
-
-* position weight  w_t = 1 - (1 - w_min) (t - 1) / (T - 1)   (w_1 = 1; T = 1 gives w_1 = 1)
-  where T is the response's own length (``position_horizon: response``, the paper's Eq. 9 and
-  UniRL's ``unirl/algorithms/cppo.py``, the default) or the padded response width
-  (``position_horizon: padded``, verl PR #6731: "keys the schedule on the fixed padded length";
-  T = the rule's ``horizon``, which the trainer sets to max_completion_length, else the
-  tensor's width). With the padded horizon a short response only sees weights near 1.
-* Z_t = w_t D_t,  S_t = sum_{j<=t} Z_j,  W_t = sum_{j<=t} w_j,  S_0 = W_0 = 0
-* effective threshold  c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})
-* keep the term iff it is inward (A_t (rho_t - 1) <= 0) or Z_t <= c_t.
-
-S accumulates Z of every real token (masked or not, inward or not).
-
-Batched form used here (no Python loop over responses or positions): positions come from a
-cumulative count of real tokens, w and Z are zero on padding, S and W are cumulative sums
-along the response axis and S_{t-1}, W_{t-1} are those sums shifted right by one token.
-All mask arithmetic runs in float64 whatever the input dtype, in the same operation order as
-the plain-Python transcription in :mod:`cppo.rules.reference`, so both agree bit for bit.
-
-Adaptive delta_b (per response): delta_b_eff = clamp(P_q(D_1..D_T), delta_b, f delta_b) with
-q = 0.9 and f = ``delta_b_max_factor`` = 2 by default (UniRL and the paper; verl PR #6731
-raised it to 5 in its commit "tune hyperparameter"). P_q is the *linear* quantile of the response's real-token D
-values, the default of ``torch.quantile`` (and of the official code, which calls it per
-response): sort ascending v_0 <= ... <= v_{n-1}, pos = q (n - 1), lo = floor(pos),
-hi = ceil(pos), P = v_lo + (pos - lo) (v_hi - v_lo). It is computed for all responses at once
-with one ``topk`` over the batch (padding filled with -inf), taking only the largest
-max_b(n_b - lo_b) values per row instead of a full sort.
-
-Soft gate (App. C): x_t = max(w_t D_t / delta, S_t / (delta + delta_b W_{t-1})); outward terms
-get weight g(x_t) = min(1, 1 / x_t), inward terms weight 1.
-
-Ablations: ``position_weight=False`` (w_t = 1), ``prefix_budget=False`` (only w_t D_t <= delta),
-shuffled weights (the multiset {w_t} randomly permuted within each response, seeded), hard
-mask vs soft gate, any divergence (the caller computes D per ``cfg["divergence"]``).
-
-Diagnostics split of the masked (hard) / down-weighted (soft) outward tokens:
-``mask/token_fraction`` counts those with w_t D_t > delta (the token threshold alone rejects
-them, whatever the budget), ``mask/prefix_fraction`` the rest (w_t D_t <= delta, rejected only
-because the prefix budget was exhausted). Both are fractions of all response tokens, so they
-add up to ``mask/fraction``; ``cppo/prefix_share`` = prefix-masked / masked (Fig. 7).
-``cppo/delta_b_eff`` is the mean effective delta_b over non-empty responses.
+Sources: the CPPO paper; UniRL's ``unirl/algorithms/cppo.py`` (the official code, whose
+conventions are the defaults); verl PR #6731 (padded position horizon, clamp factor 5, ratio
+cap 20). :mod:`cppo.rules.reference` transcribes Algorithm 1 in plain Python; the code here
+runs in float64 with the same operation order, so the two agree bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +21,17 @@ from cppo.rules.base import (
     RuleBatch,
     RuleOutput,
     base_metrics,
-    masked_mean,
     masked_surrogate_loss,
+    outward_mask,
     ratio_from_log_ratio,
 )
+from cppo.rules.ops import count_share, masked_mean, masked_quantile, selected_mean, shuffled_ranks
 from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
 __all__ = [
     "CPPOGate",
+    "CPPOParams",
+    "algorithm1",
     "cppo_gate",
     "cppo_mask",
     "cppo_soft_weight",
@@ -73,58 +41,110 @@ __all__ = [
 ]
 
 _DT = torch.float64
-# Divergence given as NaN/inf is treated as this (finite, so the budget arithmetic stays
-# finite): the term is rejected and the prefix budget is exhausted from there on.
-_BIG = 1e30
 
 
-def masked_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
-    """Per-row linear-interpolation quantile of ``values[b, mask[b]]``, ``[B]`` (NaN if empty).
+def algorithm1(
+    divergence: Tensor,
+    log_ratio: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    p: CPPOParams,
+    diagnostics: bool = True,
+) -> CPPOGate:
+    """Algorithm 1 on a batch: term t is kept iff inward (A_t (rho_t - 1) <= 0) or Z_t <= c_t,
+    Z_t = w_t D_t, c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}), where S_t and W_t sum
+    Z and w over every real token up to t (kept or not, inward or not), S_0 = W_0 = 0.
 
-    Same definition as ``torch.quantile(..., interpolation="linear")`` on each row's masked
-    values, batched over rows of different lengths without a Python loop.
+    ``p.soft``: the soft gate instead of the keep decision. Without ``diagnostics``
+    (cppo_mask) the float weight and the token/prefix split are not computed.
     """
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {q}")
-    mask = mask.bool()
-    B, T = values.shape
-    n = mask.sum(-1, dtype=torch.int32).long()
-    pos = q * (n - 1).clamp(min=0).to(values.dtype)
-    lo = pos.floor()
-    hi = pos.ceil()
-    frac = pos - lo
-    lo_i, hi_i = lo.long(), hi.long()
-    out = torch.full((B,), float("nan"), dtype=values.dtype, device=values.device)
-    if B == 0 or T == 0:
-        return out
-    need = int((n - lo_i).max())  # values needed from the top of each row
-    if need <= 0:
-        return out
-    filled = values.masked_fill(~mask, float("-inf"))
-    top = torch.topk(filled, k=min(need, T), dim=-1, largest=True, sorted=True).values
-    # ascending index i of a row with n values is index n - 1 - i from the top
-    idx_lo = (n - 1 - lo_i).clamp(min=0).unsqueeze(-1)
-    idx_hi = (n - 1 - hi_i).clamp(min=0).unsqueeze(-1)
-    v_lo = top.gather(-1, idx_lo).squeeze(-1)
-    v_hi = top.gather(-1, idx_hi).squeeze(-1)
-    res = v_lo + frac * (v_hi - v_lo)
-    return torch.where(n > 0, res, out)
+    # in place on few float64 buffers: at B=64, T=8192 each [B, T] temporary costs 4 MiB
+    with torch.no_grad():
+        m, n = _mask_and_lengths(divergence, log_ratio, response_mask, p.horizon)
+        outward = _outward(log_ratio, advantages) & m  # A_t (rho_t - 1) > 0
+        D = _finite_divergence(divergence)
+        w = position_weights(m, n, p)  # w_t
+        delta_b = effective_delta_b(D, m, n, p)  # [B]
+        Z = D.mul_(w)  # Z_t = w_t D_t (0 on padding), over D's buffer
+        S = budget = None
+        if p.prefix_budget:
+            S = prefix_sums(Z)  # S[:, :-1] = S_{t-1}, S[:, 1:] = S_t
+            W_prev = prefix_sums(w)[:, :-1]  # W_{t-1}
+            budget = W_prev.mul_(delta_b.unsqueeze(-1)).add_(p.delta)  # delta + delta_b W_{t-1}
+            budget[:, :1] = p.delta  # t = 1: exactly delta, also for delta_b = inf
+        if p.soft:
+            weight, reduced = soft_gate(Z, S, budget, outward, m, p.delta)
+            keep = m & (weight > 0)
+        else:
+            # c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}), in place over the budget
+            c = budget.sub_(S[:, :-1]).clamp_(max=p.delta) if budget is not None else p.delta
+            feasible = c >= Z  # the reference's test
+            keep = (feasible | ~outward) & m
+            weight = keep.to(_DT) if diagnostics else None
+            reduced = outward & ~feasible if diagnostics else None
+        token_violation, prefix_violation = (
+            split_violations(reduced, Z, p.delta) if diagnostics else (None, None)
+        )
+    return CPPOGate(
+        keep=keep,
+        weight=weight,
+        outward=outward,
+        token_violation=token_violation,
+        prefix_violation=prefix_violation,
+        position_weight=w,
+        delta_b_eff=delta_b,
+    )
 
 
-def shuffled_ranks(response_mask: Tensor, seed: int) -> Tensor:
-    """A seeded random permutation of 0..n_b-1 over the real tokens of each response.
+@dataclass(frozen=True)
+class CPPOParams:
+    """The thresholds and switches of Algorithm 1 (values: the paper's Table 3).
 
-    Padding positions get ranks >= n_b (ignored). Deterministic for a given seed, mask shape
-    and device.
+    delta: the token threshold. delta_b: budget gained per unit of position weight, a float or
+    a ``[B]`` tensor (one per response; with ``adaptive_delta_b`` the lower clamp). w_min: the
+    last position's weight. adaptive_delta_b, delta_b_quantile (q), delta_b_max_factor (f):
+    delta_b per response = clamp(P_q(D), delta_b, f delta_b). position_weight / prefix_budget:
+    the "w/o ..." ablations when False. soft: the soft gate (App. C) instead of the hard mask.
+    shuffle_seed: the "shuffled weights" ablation. horizon: the T of the position weights for
+    every response (verl's padded convention); None: each response's own length.
     """
-    mask = response_mask.bool()
-    B, T = mask.shape
-    gen = torch.Generator(device=mask.device).manual_seed(int(seed))
-    keys = torch.rand((B, T), generator=gen, dtype=_DT, device=mask.device)
-    keys = keys.masked_fill(~mask, 2.0)  # padding sorts after every real token
-    order = keys.argsort(dim=-1)
-    ar = torch.arange(T, device=mask.device).expand(B, T)
-    return torch.empty_like(order).scatter_(-1, order, ar)
+
+    delta: float
+    delta_b: float | Tensor
+    w_min: float
+    adaptive_delta_b: bool = False
+    position_weight: bool = True
+    prefix_budget: bool = True
+    soft: bool = False
+    shuffle_seed: int | None = None
+    delta_b_quantile: float = 0.9
+    delta_b_max_factor: float = 2.0
+    horizon: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.delta <= 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        if not 0.0 < self.w_min <= 1.0:
+            raise ValueError(f"w_min must be in (0, 1], got {self.w_min}")
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], *, seed: int, width: int) -> CPPOParams:
+        """From the rule's resolved config; ``seed`` shuffles the weights when
+        ``shuffle_weights`` is set, ``width`` (the padded T) is the horizon unless ``horizon``."""
+        padded = cfg["position_horizon"] == "padded"
+        return cls(
+            delta=cfg["delta"],
+            delta_b=cfg["delta_b"],
+            w_min=cfg["w_min"],
+            adaptive_delta_b=cfg["adaptive_delta_b"],
+            position_weight=cfg["position_weight"],
+            prefix_budget=cfg["prefix_budget"],
+            soft=cfg["gate"] == "soft",
+            shuffle_seed=seed if cfg["shuffle_weights"] else None,
+            delta_b_quantile=cfg["delta_b_quantile"],
+            delta_b_max_factor=cfg["delta_b_max_factor"],
+            horizon=(cfg["horizon"] or width) if padded else None,
+        )
 
 
 @dataclass
@@ -135,16 +155,149 @@ class CPPOGate:
     the hard mask, g(x) for outward terms under the soft gate, 0 on padding). outward: bool.
     token_violation / prefix_violation: outward terms masked (hard) or down-weighted (soft)
     with w_t D_t > delta, resp. only through the prefix budget. position_weight: w_t used.
-    delta_b_eff: ``[B]`` effective delta_b per response.
+    delta_b_eff: ``[B]`` effective delta_b per response. cppo_mask leaves weight and the
+    violations None.
     """
 
     keep: Tensor
-    weight: Tensor
+    weight: Tensor | None
     outward: Tensor
-    token_violation: Tensor
-    prefix_violation: Tensor
+    token_violation: Tensor | None
+    prefix_violation: Tensor | None
     position_weight: Tensor
     delta_b_eff: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# the terms of Algorithm 1
+# ---------------------------------------------------------------------------------------------
+
+# Divergence given as NaN/inf is treated as this (finite, so the budget arithmetic stays
+# finite): the term is rejected and the prefix budget is exhausted from there on.
+_BIG = 1e30
+
+
+def _mask_and_lengths(
+    divergence: Tensor, log_ratio: Tensor, response_mask: Tensor, horizon: int | None
+) -> tuple[Tensor, Tensor]:
+    """The bool mask and the response lengths ``[B]``, after checking shapes and horizon."""
+    m = response_mask.bool()
+    if divergence.shape != m.shape or log_ratio.shape != m.shape or m.dim() != 2:
+        raise ValueError(
+            f"divergence {tuple(divergence.shape)}, log_ratio {tuple(log_ratio.shape)} and "
+            f"response_mask {tuple(m.shape)} must share one [B, T] shape"
+        )
+    n = m.sum(-1, dtype=torch.int32).long()
+    if horizon is not None and m.shape[0] and int(n.max()) > horizon:
+        raise ValueError(
+            f"position horizon {horizon} is shorter than a response ({int(n.max())} tokens)"
+        )
+    return m, n
+
+
+def _outward(log_ratio: Tensor, advantages: Tensor) -> Tensor:
+    """A_t (rho_t - 1) > 0 from signs only (no cast); ``[B]`` advantages broadcast per row."""
+    adv = advantages.detach()
+    return outward_mask(log_ratio.detach(), adv.unsqueeze(-1) if adv.dim() == 1 else adv)
+
+
+def _finite_divergence(divergence: Tensor) -> Tensor:
+    """D as a fresh float64 buffer (Z is later computed in place over it), NaN/inf -> _BIG."""
+    D = divergence.detach().to(_DT, copy=True)
+    return D.nan_to_num_(nan=_BIG, posinf=_BIG, neginf=0.0)
+
+
+def position_weights(m: Tensor, n: Tensor, p: CPPOParams) -> Tensor:
+    """w_t = 1 - (1 - w_min) (t - 1) / (T - 1) on real tokens (w_1 = 1; T = 1 gives w_1 = 1),
+    0 on padding; all ones when ``p.position_weight`` is False.
+
+    T is the response's own length (the paper's Eq. 9 and UniRL, the default) or ``p.horizon``
+    (verl PR #6731 "keys the schedule on the fixed padded length": a short response then sees
+    weights near 1 only). With ``p.shuffle_seed`` the multiset {w_t} is permuted within each
+    response (the shuffled-weights ablation).
+    """
+    if not p.position_weight:
+        return m.to(_DT)
+    if p.shuffle_seed is None:
+        w = torch.cumsum(m, dim=-1, dtype=_DT).sub_(1.0)  # t - 1
+    else:
+        w = shuffled_ranks(m, p.shuffle_seed).to(_DT)
+    length = n if p.horizon is None else torch.full_like(n, p.horizon)
+    denom = (length - 1).clamp_(min=1).to(_DT).unsqueeze(-1)
+    # 1 - (1 - w_min) (t - 1) / (T - 1), in the reference's operation order
+    return w.mul_(1.0 - p.w_min).div_(denom).neg_().add_(1.0).masked_fill_(~m, 0.0)
+
+
+def effective_delta_b(D: Tensor, m: Tensor, n: Tensor, p: CPPOParams) -> Tensor:
+    """delta_b per response ``[B]``; adaptive: clamp(P_q(D_1..D_T), delta_b, f delta_b).
+
+    q = 0.9 and f = 2 by default (UniRL and the paper; verl PR #6731 raised f to 5 in its commit
+    "tune hyperparameter"). P_q is the linear quantile of the response's real-token D values,
+    the default of ``torch.quantile``, which the official code calls per response.
+    """
+    if isinstance(p.delta_b, Tensor):
+        db = p.delta_b.detach().to(_DT).reshape(-1).expand(m.shape[0])
+    else:
+        db = torch.full((m.shape[0],), float(p.delta_b), dtype=_DT, device=m.device)
+    if not p.adaptive_delta_b:
+        return db
+    q = masked_quantile(D, m, p.delta_b_quantile)
+    q = torch.where(n > 0, q, db)
+    return torch.clamp(q, min=db, max=p.delta_b_max_factor * db)
+
+
+def prefix_sums(x: Tensor) -> Tensor:
+    """``[B, T + 1]``, column t = x_1 + ... + x_t (column 0: the empty sum 0).
+
+    [:, :-1] are the exclusive sums S_{t-1} / W_{t-1} and [:, 1:] the inclusive ones, as views
+    of one buffer (no shifted copy); the sums are ``torch.cumsum``'s, the reference's order.
+    """
+    out = x.new_empty(x.shape[0], x.shape[1] + 1)
+    out[:, 0] = 0.0
+    torch.cumsum(x, dim=-1, out=out[:, 1:])
+    return out
+
+
+def soft_gate(
+    Z: Tensor,
+    S: Tensor | None,
+    budget: Tensor | None,
+    outward: Tensor,
+    m: Tensor,
+    delta: float,
+) -> tuple[Tensor, Tensor]:
+    """The soft gate of App. C: (weight, down-weighted outward terms).
+
+    x_t = max(w_t D_t / delta, S_t / (delta + delta_b W_{t-1})) (the first term alone without
+    the prefix budget); outward terms get g(x_t) = min(1, 1 / x_t), inward ones 1, padding 0.
+    Consumes ``S`` (divided in place).
+    """
+    x = Z / delta
+    if budget is not None:
+        # at t = 1 both terms are Z_1 / delta (S_1 = Z_1, budget delta)
+        torch.maximum(x, S[:, 1:].div_(budget), out=x)
+    reduced = outward & (x > 1.0)
+    return torch.where(reduced, x.reciprocal_(), m.to(_DT)), reduced
+
+
+def split_violations(reduced: Tensor, Z: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """The masked (hard) / down-weighted (soft) outward terms split in two: those with
+    w_t D_t > delta (the token threshold alone rejects them, whatever the budget) and the rest
+    (rejected only because the prefix budget was exhausted)."""
+    token_over = delta < Z
+    return reduced & token_over, reduced & ~token_over
+
+
+# ---------------------------------------------------------------------------------------------
+# functional API: a CPPOParams, or its fields as keywords
+# ---------------------------------------------------------------------------------------------
+
+
+def _params(params: CPPOParams | None, fields: dict[str, Any]) -> CPPOParams:
+    """``params`` with ``fields`` replaced, or a new CPPOParams from ``fields``."""
+    if params is None:
+        return CPPOParams(**fields)
+    return dataclasses.replace(params, **fields) if fields else params
 
 
 def cppo_gate(
@@ -152,167 +305,21 @@ def cppo_gate(
     log_ratio: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    *,
-    delta: float,
-    delta_b: float | Tensor,
-    w_min: float,
-    adaptive_delta_b: bool = False,
-    position_weight: bool = True,
-    prefix_budget: bool = True,
-    soft: bool = False,
-    shuffle_seed: int | None = None,
-    delta_b_quantile: float = 0.9,
-    delta_b_max_factor: float = 2.0,
-    horizon: int | None = None,
+    params: CPPOParams | None = None,
+    **fields: Any,
 ) -> CPPOGate:
-    """Vectorised Algorithm 1 (hard mask or soft gate) with all diagnostics.
+    """Vectorised Algorithm 1 (hard mask, or soft gate with ``soft=True``) with all diagnostics.
 
-    ``delta_b`` may be a float or a ``[B]`` tensor (per-response budget; with
-    ``adaptive_delta_b`` it is the lower clamp of each response's quantile).
-    ``shuffle_seed`` not None permutes the position weights within each response.
-    ``horizon`` not None is the T of the position weights for every response (the padded
-    convention); None uses each response's own length.
+    Args:
+        divergence: D_t ``[B, T]`` (any estimator from :mod:`cppo.divergence`).
+        log_ratio: log pi(y_t) - log mu(y_t), ``[B, T]`` (only its sign is read).
+        advantages: ``[B]`` or ``[B, T]``.
+        response_mask: bool ``[B, T]``, responses left-aligned.
+        params / fields: a :class:`CPPOParams`, its fields as keywords (``delta``, ``delta_b``
+            and ``w_min`` required), or both (the keywords replace fields of ``params``).
     """
-    return _cppo_core(
-        divergence,
-        log_ratio,
-        advantages,
-        response_mask,
-        delta=delta,
-        delta_b=delta_b,
-        w_min=w_min,
-        adaptive_delta_b=adaptive_delta_b,
-        position_weight=position_weight,
-        prefix_budget=prefix_budget,
-        soft=soft,
-        shuffle_seed=shuffle_seed,
-        delta_b_quantile=delta_b_quantile,
-        delta_b_max_factor=delta_b_max_factor,
-        horizon=horizon,
-        diagnostics=True,
-    )
-
-
-def _cppo_core(
-    divergence: Tensor,
-    log_ratio: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    *,
-    delta: float,
-    delta_b: float | Tensor,
-    w_min: float,
-    adaptive_delta_b: bool,
-    position_weight: bool,
-    prefix_budget: bool,
-    soft: bool,
-    shuffle_seed: int | None,
-    delta_b_quantile: float,
-    delta_b_max_factor: float,
-    horizon: int | None,
-    diagnostics: bool,
-) -> CPPOGate:
-    # Written with in-place ops on few float64 buffers: at B=64, T=8192 every extra
-    # temporary costs about as much as the cumulative sums themselves.
-    if delta <= 0:
-        raise ValueError(f"delta must be > 0, got {delta}")
-    if not 0.0 < w_min <= 1.0:
-        raise ValueError(f"w_min must be in (0, 1], got {w_min}")
-    with torch.no_grad():
-        m = response_mask.bool()
-        if divergence.shape != m.shape or log_ratio.shape != m.shape or m.dim() != 2:
-            raise ValueError(
-                f"divergence {tuple(divergence.shape)}, log_ratio {tuple(log_ratio.shape)} and "
-                f"response_mask {tuple(m.shape)} must share one [B, T] shape"
-            )
-        B, T = m.shape
-        dev = m.device
-        pad = ~m
-        n = m.sum(-1, dtype=torch.int32).long()
-        if horizon is not None and B and int(n.max()) > horizon:
-            raise ValueError(
-                f"position horizon {horizon} is shorter than a response ({int(n.max())} tokens)"
-            )
-
-        # outward test needs signs only: no cast of the log-ratio or advantages
-        lr = log_ratio.detach()
-        adv = advantages.detach()
-        if adv.dim() == 1:
-            adv = adv.unsqueeze(-1)
-        outward = ((adv > 0) & (lr > 0)) | ((adv < 0) & (lr < 0))
-        outward &= m
-
-        D = divergence.detach().to(_DT, copy=True)
-        D.nan_to_num_(nan=_BIG, posinf=_BIG, neginf=0.0)
-
-        if isinstance(delta_b, Tensor):
-            db = delta_b.detach().to(_DT).reshape(-1).expand(B)
-        else:
-            db = torch.full((B,), float(delta_b), dtype=_DT, device=dev)
-        if adaptive_delta_b:
-            p = masked_quantile(D, m, delta_b_quantile)
-            p = torch.where(n > 0, p, db)
-            db = torch.clamp(p, min=db, max=delta_b_max_factor * db)
-
-        if position_weight:
-            if shuffle_seed is None:
-                w = torch.cumsum(m, dim=-1, dtype=_DT).sub_(1.0)  # t - 1
-            else:
-                w = shuffled_ranks(m, shuffle_seed).to(_DT)
-            length = n if horizon is None else torch.full_like(n, horizon)
-            denom = (length - 1).clamp_(min=1).to(_DT).unsqueeze(-1)
-            # 1 - (1 - w_min) (t - 1) / (T - 1), in the reference's operation order
-            w.mul_(1.0 - w_min).div_(denom).neg_().add_(1.0).masked_fill_(pad, 0.0)
-        else:
-            w = m.to(_DT)
-        Z = D.mul_(w)  # padding: w = 0 and D finite, so Z = 0
-
-        # S_{t-1}, W_{t-1} are the cumulative sums shifted right by one token; rather than
-        # materialising shifted copies, column 0 (S_0 = W_0 = 0, so c_1 = delta) is handled
-        # apart and columns 1.. are compared against the unshifted sums' columns 0..T-2.
-        if prefix_budget:
-            S = torch.cumsum(Z, dim=-1)
-            W = torch.cumsum(w, dim=-1)
-            # delta + delta_b W_{t-1} for t >= 2, in place over W
-            budget = W[:, :-1].mul_(db.unsqueeze(-1)).add_(delta)
-
-        token_over = delta < Z if (diagnostics or soft or not prefix_budget) else None
-        if soft:
-            x = Z / delta
-            if prefix_budget:
-                # x_t = max(w_t D_t / delta, S_t / (delta + delta_b W_{t-1})); at t = 1 the
-                # second term is Z_1 / delta, the first one already.
-                torch.maximum(x[:, 1:], S[:, 1:] / budget, out=x[:, 1:])
-            reduced = outward & (x > 1.0)
-            # g(x) = min(1, 1/x) on outward terms, 1 on inward ones, 0 on padding
-            weight = torch.where(reduced, x.reciprocal_(), m.to(_DT))
-            keep = m & (weight > 0)
-        else:
-            if prefix_budget:
-                feasible = torch.empty((B, T), dtype=torch.bool, device=dev)
-                torch.le(Z[:, :1], delta, out=feasible[:, :1])
-                c = budget.sub_(S[:, :-1]).clamp_(max=delta)
-                torch.le(Z[:, 1:], c, out=feasible[:, 1:])
-            else:
-                feasible = ~token_over
-            keep = feasible | ~outward
-            keep &= m
-            weight = keep.to(_DT) if diagnostics else None
-            reduced = outward & ~feasible if diagnostics else None
-        if diagnostics:
-            token_violation = reduced & token_over
-            prefix_violation = reduced & ~token_over
-        else:
-            token_violation = prefix_violation = None
-    return CPPOGate(
-        keep=keep,
-        weight=weight,
-        outward=outward,
-        token_violation=token_violation,
-        prefix_violation=prefix_violation,
-        position_weight=w,
-        delta_b_eff=db,
-    )
+    p = _params(params, fields)
+    return algorithm1(divergence, log_ratio, advantages, response_mask, p)
 
 
 def cppo_mask(
@@ -320,50 +327,17 @@ def cppo_mask(
     log_ratio: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    *,
-    delta: float,
-    delta_b: float | Tensor,
-    w_min: float,
-    adaptive_delta_b: bool = False,
-    position_weight: bool = True,
-    prefix_budget: bool = True,
-    shuffle_seed: int | None = None,
-    delta_b_quantile: float = 0.9,
-    delta_b_max_factor: float = 2.0,
-    horizon: int | None = None,
+    params: CPPOParams | None = None,
+    **fields: Any,
 ) -> Tensor:
     """CPPO hard keep-mask, BoolTensor ``[B, T]`` (True = term kept; padding False).
 
-    Args:
-        divergence: D_t ``[B, T]`` (any estimator from :mod:`cppo.divergence`).
-        log_ratio: log pi(y_t) - log mu(y_t), ``[B, T]``.
-        advantages: ``[B]`` or ``[B, T]``.
-        response_mask: bool ``[B, T]``, responses left-aligned.
-        delta, delta_b, w_min: the paper's thresholds (Table 3).
-        adaptive_delta_b: per-response delta_b = clamp(P90(D), delta_b, 2 delta_b).
-        position_weight / prefix_budget: ablation switches (False = "w/o ...").
-        shuffle_seed: if given, the "shuffled weights" ablation with this seed.
-        delta_b_quantile / delta_b_max_factor: the 0.9 and 2 of the adaptive rule.
-        horizon: T of the position weights (padded convention); None = each response's length.
+    Arguments as for :func:`cppo_gate` (``soft`` must stay False).
     """
-    return _cppo_core(
-        divergence,
-        log_ratio,
-        advantages,
-        response_mask,
-        delta=delta,
-        delta_b=delta_b,
-        w_min=w_min,
-        adaptive_delta_b=adaptive_delta_b,
-        position_weight=position_weight,
-        prefix_budget=prefix_budget,
-        soft=False,
-        shuffle_seed=shuffle_seed,
-        delta_b_quantile=delta_b_quantile,
-        delta_b_max_factor=delta_b_max_factor,
-        horizon=horizon,
-        diagnostics=False,
-    ).keep
+    p = _params(params, fields)
+    if p.soft:
+        raise ValueError("cppo_mask is the hard mask; use cppo_soft_weight for the soft gate")
+    return algorithm1(divergence, log_ratio, advantages, response_mask, p, diagnostics=False).keep
 
 
 def cppo_soft_weight(
@@ -371,13 +345,20 @@ def cppo_soft_weight(
     log_ratio: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    **kwargs: Any,
+    params: CPPOParams | None = None,
+    **fields: Any,
 ) -> Tensor:
     """Soft-gate weights ``[B, T]`` (float64): g(x_t) on outward terms, 1 inward, 0 padding.
 
-    Keyword arguments as for :func:`cppo_mask`.
+    Arguments as for :func:`cppo_gate`.
     """
-    return cppo_gate(divergence, log_ratio, advantages, response_mask, soft=True, **kwargs).weight
+    gate = cppo_gate(divergence, log_ratio, advantages, response_mask, params, soft=True, **fields)
+    return gate.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered rule
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_cfg(cfg: dict[str, Any]) -> None:
@@ -415,45 +396,30 @@ def cppo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     position horizon = the response's length, clamp factor 2, no ratio cap (UniRL's
     conventions; verl PR #6731: padded horizon, factor 5, ratio cap 20, Binary TV).
     Shuffled weights use ``batch.seed``: vary it per step.
+
+    Metrics besides the common ones: ``mask/token_fraction`` and ``mask/prefix_fraction`` (the
+    token / prefix violations as fractions of all response tokens, adding up to
+    ``mask/fraction``), ``cppo/prefix_share`` = prefix-masked / masked (the paper's Fig. 7),
+    ``cppo/delta_b_eff`` (mean effective delta_b over non-empty responses) and, for the soft
+    gate, ``cppo/gate_mean``.
     """
     mask = batch.mask
     lr = batch.log_ratio()
     adv = batch.advantages_2d()
     div = batch.divergence_2d()
-    gate = cppo_gate(
-        div,
-        lr,
-        adv,
-        mask,
-        delta=cfg["delta"],
-        delta_b=cfg["delta_b"],
-        w_min=cfg["w_min"],
-        adaptive_delta_b=cfg["adaptive_delta_b"],
-        position_weight=cfg["position_weight"],
-        prefix_budget=cfg["prefix_budget"],
-        soft=cfg["gate"] == "soft",
-        shuffle_seed=batch.seed if cfg["shuffle_weights"] else None,
-        delta_b_quantile=cfg["delta_b_quantile"],
-        delta_b_max_factor=cfg["delta_b_max_factor"],
-        horizon=(cfg["horizon"] or mask.shape[-1]) if cfg["position_horizon"] == "padded" else None,
-    )
+    p = CPPOParams.from_config(cfg, seed=batch.seed, width=mask.shape[-1])
+    gate = algorithm1(div, lr, adv, mask, p)
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
     loss = masked_surrogate_loss(ratio, adv, gate.weight, mask, cfg["ratio_cap"])
 
     metrics = base_metrics(mask, ratio, gate.keep, div, gate.outward, cfg["ratio_cap"])
     reduced = gate.token_violation | gate.prefix_violation
-    n_reduced = int(reduced.sum())
     metrics["mask/fraction"] = masked_mean(reduced.to(_DT), mask)
     metrics["mask/token_fraction"] = masked_mean(gate.token_violation.to(_DT), mask)
     metrics["mask/prefix_fraction"] = masked_mean(gate.prefix_violation.to(_DT), mask)
-    metrics["cppo/prefix_share"] = (
-        int(gate.prefix_violation.sum()) / n_reduced if n_reduced else 0.0
-    )
-    nonempty = mask.any(-1)
-    metrics["cppo/delta_b_eff"] = (
-        float(gate.delta_b_eff[nonempty].mean()) if bool(nonempty.any()) else float(cfg["delta_b"])
-    )
-    if cfg["gate"] == "soft":
+    metrics["cppo/prefix_share"] = count_share(gate.prefix_violation.sum(), reduced.sum())
+    metrics["cppo/delta_b_eff"] = selected_mean(gate.delta_b_eff, mask.any(-1), cfg["delta_b"])
+    if p.soft:
         metrics["cppo/gate_mean"] = masked_mean(gate.weight, mask)
     return RuleOutput(
         per_token_loss=loss,

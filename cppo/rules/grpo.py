@@ -23,11 +23,11 @@ from cppo.rules.base import (
     RuleBatch,
     RuleOutput,
     base_metrics,
-    masked_mean,
     outward_mask,
     ratio_cap_factor,
     ratio_from_log_ratio,
 )
+from cppo.rules.ops import masked_mean
 from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
 __all__ = ["grpo_keep", "grpo_rule"]

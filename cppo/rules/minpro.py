@@ -37,9 +37,9 @@ from cppo.rules.base import (
     RuleBatch,
     RuleOutput,
     base_metrics,
-    masked_mean,
     ratio_from_log_ratio,
 )
+from cppo.rules.ops import masked_mean
 from cppo.rules.registry import Param, register_rule
 
 __all__ = ["prefix_min_log_ratio", "minpro_weight", "minpro_rule"]

@@ -37,6 +37,7 @@ from cppo.rules.base import (
     outward_mask,
     ratio_from_log_ratio,
 )
+from cppo.rules.ops import count_share, selected_mean
 from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
 __all__ = ["TRM_THRESHOLDS", "trm_sequence_score", "trm_max_rule", "trm_avg_rule"]
@@ -79,9 +80,8 @@ def _trm(batch: RuleBatch, cfg: dict[str, Any], reduce: str, threshold: float) -
     loss = masked_surrogate_loss(ratio, adv, weight, mask, cfg["ratio_cap"])
     metrics = base_metrics(mask, ratio, keep, kl, outward, cfg["ratio_cap"])
     nonempty = mask.any(-1)
-    n = int(nonempty.sum())
-    metrics["trm/reject_fraction"] = float((~seq_keep & nonempty).sum()) / n if n else 0.0
-    metrics["trm/score_mean"] = float(score[nonempty].mean()) if n else 0.0
+    metrics["trm/reject_fraction"] = count_share((~seq_keep & nonempty).sum(), nonempty.sum())
+    metrics["trm/score_mean"] = selected_mean(score, nonempty, 0.0)
     return RuleOutput(per_token_loss=loss, keep=keep, weight=weight, metrics=metrics)
 
 

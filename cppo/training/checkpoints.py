@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from cppo.pipeline.runs import SNAPSHOTS, best_validation, read_metrics, snapshot_dir
+from cppo.training.validation_callback import validation_due
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,9 @@ def write_snapshot(trainer: Any, path: Path, dtype: torch.dtype) -> None:
 
 
 def validated_step(step: int, max_steps: int, validation: dict[str, Any]) -> bool:
-    """Whether the trainer validates after optimizer step `step` (step > 0): every
-    `validation.every` steps and at the last step (CPPOTrainer._validate_if_due)."""
-    every = int(validation.get("every") or 0)
-    if not every or not validation.get("benchmarks") or step <= 0:
-        return False
-    return step % every == 0 or step == max_steps
+    """Whether the trainer validates after optimizer step `step` > 0 (the schedule of
+    cppo.training.validation_callback)."""
+    return step > 0 and validation_due(step, max_steps, validation)
 
 
 class CheckpointPolicy(TrainerCallback):

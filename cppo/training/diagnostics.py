@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 TRAIN_KEYS = (
     "reward/mean",
@@ -106,7 +107,8 @@ class StepAccumulator:
         self.sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in _SUMS}
         self.length_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.has_rel_err = False
-        self.rule = defaultdict(lambda: [0.0, 0.0])  # key -> [sum(value * w), sum(w)]
+        # key -> [sum(value * w), sum(w)] as float64 device tensors, reduced once per step
+        self.rule: dict[str, list[torch.Tensor]] = {}
         self.deviation: list[list[torch.Tensor]] = [[] for _ in range(self.deviation_bins)]
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
@@ -116,12 +118,62 @@ class StepAccumulator:
         if value.numel():
             self.length_max = torch.maximum(self.length_max, value.max().to(torch.float64))
 
-    def add_rule_metrics(self, metrics: dict[str, float], weight: float) -> None:
-        if weight <= 0:
-            return
+    def add_rule_metrics(self, metrics: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        """A rule's diagnostics (0-dim tensors) weighted by the micro-step's eligible tokens."""
+        w = torch.as_tensor(weight, dtype=torch.float64, device=self.device)
         for key, value in metrics.items():
-            self.rule[key][0] += float(value) * weight
-            self.rule[key][1] += weight
+            v = torch.as_tensor(value, dtype=torch.float64, device=self.device) * w
+            if key in self.rule:
+                self.rule[key][0] += v
+                self.rule[key][1] += w
+            else:
+                self.rule[key] = [v, w.clone()]
+
+    @torch.no_grad()
+    def add_micro_step(
+        self,
+        inputs: dict[str, Any],
+        logps: torch.Tensor,
+        entropies: torch.Tensor,
+        divergence: torch.Tensor | None,
+        resp: torch.Tensor,
+        eligible: torch.Tensor,
+        rows: torch.Tensor,
+        out: Any,
+    ) -> None:
+        """One micro-step of the loss: its responses, tokens and the rule's output `out`
+        (None when no row was eligible) over the loss rows `rows`."""
+        rewards = inputs["rewards"]
+        self.add("responses", float(rewards.numel()))
+        self.add("reward", rewards)
+        self.add("correct", (rewards > 0).float())
+        lengths = inputs["completion_lengths"].float()
+        self.add("length", lengths)
+        self.add_max(lengths)
+        self.add("truncated", inputs["truncated"].float())
+        self.add("zero_std", (~inputs["group_keep"]).float())
+        self.add("processed_tokens", inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        mu = inputs["mu_logps"]
+        self.add("tokens", resp.sum())
+        self.add("entropy", entropies[resp])
+        if divergence is not None:
+            self.add("divergence", divergence[resp])
+        log_ratio = (logps - mu)[resp]
+        self.add("abs_dev", (torch.exp(log_ratio) - 1.0).abs())
+        n_elig = eligible.sum().to(torch.float64)
+        self.add("eligible", n_elig)
+        if out is not None:
+            self.add("masked", (~out.keep & eligible[rows]).sum())
+            self.add_rule_metrics(out.metrics, n_elig)
+        if "trainer_logps" in inputs:
+            self.add("rel_err_num", (inputs["engine_logps"] - inputs["trainer_logps"]).abs()[resp])
+            self.add("rel_err_den", inputs["trainer_logps"].abs()[resp])
+        if self.deviation_bins:
+            dev = (torch.exp(logps) - torch.exp(mu)).abs()[resp]
+            lengths_resp = resp.sum(dim=1, keepdim=True).clamp(min=1)
+            pos = torch.cumsum(resp.long(), dim=1) - 1
+            rel = (pos.float() / lengths_resp.float())[resp]
+            self.add_deviation(dev, rel)
 
     def add_deviation(self, dev: torch.Tensor, rel_pos: torch.Tensor) -> None:
         """dev, rel_pos: 1-d tensors over response tokens; rel_pos in [0, 1)."""
@@ -166,11 +218,9 @@ class StepAccumulator:
             from accelerate.utils import gather_object
 
             keys = sorted(set(gather_object(keys)))
-        local = torch.tensor(
-            [v for key in keys for v in self.rule.get(key, [0.0, 0.0])],
-            dtype=torch.float64,
-            device=self.device,
-        )
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        pairs = [v for key in keys for v in self.rule.get(key, (zero, zero))]
+        local = torch.stack(pairs) if pairs else zero.new_zeros(0)
         if accelerator.num_processes > 1:
             local = accelerator.reduce(local, reduction="sum")
         vals = local.tolist()
@@ -201,6 +251,50 @@ class StepAccumulator:
             res[f"deviation/bin{i}/mean"] = float(vals.mean())
             res[f"deviation/bin{i}/top10"] = float(torch.topk(vals, k).values.mean())
         return res
+
+
+class StepLog(TrainerCallback):
+    """Per-optimizer-step bookkeeping: times the step, holds its micro-step sums (`acc`) and turns
+    them into the step's metrics.jsonl record.
+
+    `rule_keys` (the rule's diagnostic keys) are written at every step, null where the rule did
+    not run; `logs_divergence` False writes divergence/mean as null (no divergence computed).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        deviation_bins: int,
+        rule_keys: list[str],
+        logs_divergence: bool,
+    ):
+        self.acc = StepAccumulator(device, deviation_bins)
+        self.keys = [*TRAIN_KEYS, *rule_keys]
+        self.logs_divergence = logs_divergence
+        self.started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def record(self, step: int, logs: dict[str, Any], accelerator: Any) -> dict[str, Any]:
+        """The record of optimizer step `step` (the trainer's `logs` give grad_norm and lr);
+        resets the sums for the next step."""
+        stats = self.acc.finalize(accelerator)
+        self.acc.reset()
+        elapsed = time.perf_counter() - self.started if self.started is not None else None
+        processed = stats.pop("_processed_tokens")
+        stats["grad_norm"] = logs.get("grad_norm")
+        stats["learning_rate"] = logs.get("learning_rate")
+        stats["time/step_s"] = elapsed
+        stats["throughput/tokens_per_s"] = processed / elapsed if elapsed else None
+        if not self.logs_divergence:
+            stats["divergence/mean"] = None
+        record: dict[str, Any] = {"kind": "train", "step": int(step)}
+        # the contract keys and the rule's own, then the deviation bins
+        for key in dict.fromkeys([*self.keys, *stats]):
+            value = stats.get(key)
+            record[key] = None if value is None or not math.isfinite(float(value)) else float(value)
+        return record
 
 
 class MetricsWriter:

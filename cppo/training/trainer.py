@@ -13,44 +13,35 @@ plumbing):
   optimizer step's global normaliser (token or response count of the whole minibatch, so gradient
   accumulation and data parallelism do not change the objective). Zero-variance groups are
   dropped from loss and normaliser (mask_std_0). No KL, no entropy term.
-- diagnostics: one metrics.jsonl record per optimizer step, validation records, timing.
+- the hooks of the step bookkeeping (cppo.training.diagnostics.StepLog: one metrics.jsonl
+  record per optimizer step) and of the in-loop validation (cppo.training.validation_callback).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
-from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import RepeatSampler
 
 from cppo.divergence import compute_divergence
 from cppo.rules import RuleBatch, aggregate_loss, get_rule
 from cppo.training.config import CPPOConfig
-from cppo.training.diagnostics import TRAIN_KEYS, MetricsWriter, StepAccumulator
+from cppo.training.diagnostics import MetricsWriter, StepLog
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
 from cppo.training.rewards import DapoReward
-from cppo.training.validation import (
-    Shard,
-    ValidationFn,
-    evaluate_in_memory,
-    preserved_rng,
-    validation_record,
-    vllm_engine_validation,
-)
+from cppo.training.validation import ValidationFn
+from cppo.training.validation_callback import InLoopValidation
 from cppo.training.vllm_rollout import pad_topk, split_vllm_logprobs
 
 logger = logging.getLogger(__name__)
@@ -65,21 +56,20 @@ def resolve_divergence(
     sampled_token: str | None,
     all_methods: bool,
 ) -> dict[str, Any]:
-    """Which divergence to compute: the rule's own (method config / rule defaults), else the run's.
+    """Which divergence to compute: the rule's own (from its method config), else the run's
+    diagnostic divergence (run.yaml `divergence`, for rules that read none).
 
-    Run-level values (run.yaml `divergence`) given for a rule that reads a divergence must agree
-    with the rule's: a mismatch raises instead of silently overriding either side.
     Returns {kind, topk, sampled_token, for_rule (fed to the rule), compute (at all)}.
     """
-    run = {"kind": kind, "topk": topk, "sampled_token": sampled_token}
     spec = rule.divergence(rule_cfg)
     if spec is not None:
-        for key, value in run.items():
-            if value is not None and value != spec[key]:
-                raise ValueError(
-                    f"run.yaml divergence.{key}={value!r} disagrees with method '{rule.name}' "
-                    f"({key}={spec[key]!r}); set it in the method config"
-                )
+        given = {"kind": kind, "topk": topk, "sampled_token": sampled_token}
+        if any(v is not None for v in given.values()):
+            raise ValueError(
+                f"run.yaml 'divergence' is the diagnostic divergence of rules that read none; "
+                f"method '{rule.name}' reads its own ({spec['kind']}, K={spec['topk']}): set it "
+                "in the method config"
+            )
         return {**spec, "for_rule": True, "compute": True}
     return {
         "kind": kind or "topk_tv",
@@ -96,18 +86,6 @@ class EpochSeededRepeatSampler(RepeatSampler):
     def set_epoch(self, epoch: int) -> None:
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + epoch)
-
-
-class _StepClock(TrainerCallback):
-    def __init__(self, trainer: CPPOTrainer):
-        self.trainer = trainer
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._step_started = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            self.trainer._validate_if_due(0)
 
 
 class RunProgress(TrainerCallback):
@@ -167,10 +145,10 @@ class CPPOTrainer(GRPOTrainer):
             method["horizon"] = args.max_completion_length
         self._rule_cfg = rule.resolve(method)
         try:
-            self._rule_keys = rule.metric_keys(self._rule_cfg)
+            rule_keys = rule.metric_keys(self._rule_cfg)
         except Exception as err:  # e.g. a plugin rule that needs more than a generic batch
             logger.warning("rule %r: no key list from a probe batch (%s)", rule.name, err)
-            self._rule_keys = []
+            rule_keys = []
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
         super().__init__(
@@ -202,24 +180,27 @@ class CPPOTrainer(GRPOTrainer):
         self._head = HeadCapture(
             base, head_spec_for(base, self.temperature, args.cast_lm_head_to_fp32)
         )
-        self._pending_request: HeadRequest | None = None
+        self._head_request: HeadRequest | None = None  # see _capturing_head
         self._reward_stash: torch.Tensor | None = None
         self._vllm_topk: list | None = None
         if self.use_vllm:
             # the engine reports mu's top-K only when mu is the engine (rollout anchor)
             self.vllm_generation.logprobs = self._topk if args.anchor == "rollout" else 0
-        self._acc = StepAccumulator(self.accelerator.device, args.deviation_bins)
         self._writer = MetricsWriter(args.metrics_path, enabled=self.accelerator.is_main_process)
-        self._step_started: float | None = None
-        self._validated_steps: set[int] = set()
-        if validation_fn is None:
-            validation_fn = evaluate_in_memory
-        self._validation_fn = validation_fn
-        self.add_callback(_StepClock(self))
+        self._steps = StepLog(
+            self.accelerator.device,
+            args.deviation_bins,
+            rule_keys,
+            logs_divergence=self._div["compute"],
+        )
+        self.add_callback(self._steps)
         for cb in (PrinterCallback, ProgressCallback):
             self.remove_callback(cb)
         if progress:
             self.add_callback(RunProgress())
+        # after the step log: a step's validation record follows its train record
+        self._validation = InLoopValidation(self, validation_fn)
+        self.add_callback(self._validation)
 
     def _send_telemetry(self) -> None:
         # research runs stay offline: no usage ping to the hub from the trainer
@@ -241,15 +222,26 @@ class CPPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ log-prob capture
 
+    @contextlib.contextmanager
+    def _capturing_head(self, req: HeadRequest) -> Iterator[HeadRequest]:
+        """Within the block, the next log-prob forward (ours, or TRL's own inside
+        `_generate_and_score_completions`) also fills `req` through the LM-head capture: mu's
+        top-K at recording time, pi at mu's top-K ids in the loss. One request serves one
+        forward."""
+        self._head_request = req
+        try:
+            yield req
+        finally:
+            self._head_request = None
+
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
     ):
-        req = self._pending_request
+        req, self._head_request = self._head_request, None
         if req is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
-        self._pending_request = None  # one request serves exactly one forward
         req.logits_to_keep = logits_to_keep
         with self._head.armed(req):
             logps, entropies, aux = super()._get_per_token_logps_and_entropies(
@@ -299,18 +291,16 @@ class CPPOTrainer(GRPOTrainer):
         req = HeadRequest(
             logits_to_keep=0, topk=want_trainer_topk, chunk_tokens=args.mu_chunk_tokens
         )
-        self._pending_request, self._vllm_topk, self._reward_stash = req, None, None
-        try:
+        self._vllm_topk, self._reward_stash = None, None
+        with self._capturing_head(req):
             out = super()._generate_and_score_completions(inputs)
-        finally:
-            self._pending_request = None
         prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         width = completion_ids.size(1)
         if req.sampled_logps is None:
             # TRL computes old log-probs only for off-policy batches; mu must always be recorded.
-            self._pending_request = req
             with (
+                self._capturing_head(req),
                 torch.no_grad(),
                 disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
             ):
@@ -415,8 +405,7 @@ class CPPOTrainer(GRPOTrainer):
         width = completion_ids.size(1)
         gather_ids = inputs.get("mu_topk_ids")
         req = HeadRequest(logits_to_keep=width, gather_ids=gather_ids)
-        self._pending_request = req
-        try:
+        with self._capturing_head(req):
             logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
                 model,
                 torch.cat([prompt_ids, completion_ids], dim=1),
@@ -425,8 +414,6 @@ class CPPOTrainer(GRPOTrainer):
                 compute_entropy=True,
                 compute_aux_loss=self.aux_loss_enabled,
             )
-        finally:
-            self._pending_request = None
         resp = completion_mask.bool()
         if "tool_mask" in inputs:
             resp = resp & inputs["tool_mask"].bool()
@@ -477,7 +464,9 @@ class CPPOTrainer(GRPOTrainer):
                 loss
                 + self.router_aux_loss_coef * aux_loss / self.current_gradient_accumulation_steps
             )
-        self._accumulate(inputs, logps.detach(), entropies, divergence, resp, eligible, rows, out)
+        self._steps.acc.add_micro_step(
+            inputs, logps.detach(), entropies, divergence, resp, eligible, rows, out
+        )
         return loss
 
     def _rule_seed(self) -> int:
@@ -486,198 +475,18 @@ class CPPOTrainer(GRPOTrainer):
         micro = self.state.global_step * ga + self._step % ga
         return (self.args.seed * 1_000_003 + micro) % (2**31 - 1)
 
-    @torch.no_grad()
-    def _accumulate(self, inputs, logps, entropies, divergence, resp, eligible, rows, out) -> None:
-        acc = self._acc
-        rewards = inputs["rewards"]
-        acc.add("responses", float(rewards.numel()))
-        acc.add("reward", rewards)
-        acc.add("correct", (rewards > 0).float())
-        lengths = inputs["completion_lengths"].float()
-        acc.add("length", lengths)
-        acc.add_max(lengths)
-        acc.add("truncated", inputs["truncated"].float())
-        acc.add("zero_std", (~inputs["group_keep"]).float())
-        acc.add("processed_tokens", inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
-        mu = inputs["mu_logps"]
-        acc.add("tokens", resp.sum())
-        acc.add("entropy", entropies[resp])
-        if divergence is not None:
-            acc.add("divergence", divergence[resp])
-        log_ratio = (logps - mu)[resp]
-        acc.add("abs_dev", (torch.exp(log_ratio) - 1.0).abs())
-        n_elig = int(eligible.sum())
-        acc.add("eligible", float(n_elig))
-        if out is not None:
-            acc.add("masked", (~out.keep & eligible[rows]).sum())
-            acc.add_rule_metrics(out.metrics, float(n_elig))
-        if "trainer_logps" in inputs:
-            acc.add("rel_err_num", (inputs["engine_logps"] - inputs["trainer_logps"]).abs()[resp])
-            acc.add("rel_err_den", inputs["trainer_logps"].abs()[resp])
-        if acc.deviation_bins:
-            dev = (torch.exp(logps) - torch.exp(mu)).abs()[resp]
-            lengths_resp = resp.sum(dim=1, keepdim=True).clamp(min=1)
-            pos = torch.cumsum(resp.long(), dim=1) - 1
-            rel = (pos.float() / lengths_resp.float())[resp]
-            acc.add_deviation(dev, rel)
-
     # ------------------------------------------------------------------ logging, validation
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_step_log = self.model.training and "loss" in logs and "train_runtime" not in logs
-        if is_step_log:
-            record = self._step_record(logs)
+        if self.model.training and "loss" in logs and "train_runtime" not in logs:
+            record = self._steps.record(self.state.global_step, logs, self.accelerator)
             self._writer.write(record)
             for key, value in record.items():
                 if key not in ("kind", "step") and value is not None:
                     logs.setdefault(key, value)
+        # the callbacks' on_log then runs the in-loop validation when it is due
         super().log(logs, start_time)
-        if is_step_log:
-            self._validate_if_due(self.state.global_step)
-
-    def _step_record(self, logs: dict[str, float]) -> dict[str, Any]:
-        stats = self._acc.finalize(self.accelerator)
-        self._acc.reset()
-        elapsed = (
-            time.perf_counter() - self._step_started if self._step_started is not None else None
-        )
-        processed = stats.pop("_processed_tokens")
-        stats["grad_norm"] = logs.get("grad_norm")
-        stats["learning_rate"] = logs.get("learning_rate")
-        stats["time/step_s"] = elapsed
-        stats["throughput/tokens_per_s"] = processed / elapsed if elapsed else None
-        if not self._div["compute"]:
-            stats["divergence/mean"] = None
-        record: dict[str, Any] = {"kind": "train", "step": int(self.state.global_step)}
-        # the contract keys and the rule's own (null in a step where the rule did not run),
-        # then the deviation bins
-        keys = dict.fromkeys([*TRAIN_KEYS, *self._rule_keys, *stats])
-        for key in keys:
-            if key.startswith("_"):
-                continue
-            value = stats.get(key)
-            record[key] = None if value is None or not math.isfinite(float(value)) else float(value)
-        return record
-
-    def _validate_if_due(self, step: int) -> None:
-        val = self.args.validation or {}
-        every = int(val.get("every") or 0)
-        if not every or not val.get("benchmarks") or step in self._validated_steps:
-            return
-        due = (step == 0 and val.get("at_start", True)) or (
-            step > 0 and (step % every == 0 or step == self.state.max_steps)
-        )
-        if due:
-            self._validated_steps.add(step)
-            self.run_validation(step)
 
     def run_validation(self, step: int) -> dict[str, Any] | None:
-        """Avg@k on the validation benchmarks; writes and returns the validation record.
-
-        The built-in validation runs on every process, each sampling its shard of the
-        (problem, sample) pairs (see cppo.training.validation); a user-supplied validation_fn
-        runs on the main process while the others wait, and gets the ValidationFn keywords only.
-        """
-        val = self.args.validation
-        kwargs: dict[str, Any] = dict(
-            k=val["k"],
-            temperature=val["temperature"],
-            top_p=val["top_p"],
-            max_new_tokens=val["max_new_tokens"],
-            seed=val["seed"],
-            batch_size=val["batch_size"],
-        )
-        benchmarks = list(val["benchmarks"])
-        is_main = self.accelerator.is_main_process
-        gather_weights = self.args.ds3_gather_for_generation
-        started = time.perf_counter()
-        summaries = None
-        with (
-            self._validation_sampler() as (fn, uses_engine, group_size),
-            preserved_rng(self.accelerator.device),
-        ):
-            every_rank = group_size > 0  # the built-in functions
-            if every_rank:
-                kwargs["shard"] = Shard(
-                    self.accelerator.process_index, self.accelerator.num_processes, group_size
-                )
-                template_kwargs = getattr(self, "chat_template_kwargs", None)
-                if template_kwargs:
-                    # the chat template options of the training prompts (e.g. Qwen3's
-                    # enable_thinking); not for a user function, whose keywords are fixed
-                    kwargs["chat_template_kwargs"] = dict(template_kwargs)
-            if every_rank and not uses_engine:
-                if (
-                    not gather_weights
-                    and self.accelerator.num_processes > 1
-                    and is_deepspeed_zero3_enabled()
-                ):
-                    raise ValueError(
-                        "in-memory validation shards the problems over the processes, each "
-                        "generating on the whole model: under ZeRO-3 it needs "
-                        "ds3_gather_for_generation=True"
-                    )
-                # Each process samples its own problems on the gathered weights. transformers
-                # would step all processes' decoding together under ZeRO-3 (synced_gpus), which
-                # hangs when they make different numbers of generate calls (an empty shard
-                # makes none) and then meet in the gather of the grades.
-                kwargs["synced_gpus"] = False
-            if uses_engine:
-                # the engine holds the synced weights: no need to gather the trainer's copy
-                summaries = fn(None, self.processing_class, benchmarks, **kwargs)
-                self.accelerator.wait_for_everyone()
-            else:
-                with unwrap_model_for_generation(
-                    self.model_wrapped,
-                    self.accelerator,
-                    gather_deepspeed3_params=gather_weights,
-                ) as unwrapped:
-                    was_training = unwrapped.training
-                    unwrapped.eval()
-                    try:
-                        if every_rank or is_main:
-                            with torch.no_grad():
-                                summaries = fn(
-                                    unwrapped, self.processing_class, benchmarks, **kwargs
-                                )
-                    finally:
-                        unwrapped.train(was_training)
-                    self.accelerator.wait_for_everyone()
-        record = None
-        if is_main and summaries is not None:
-            record = validation_record(step, summaries, val["k"])
-            self._writer.write(record)
-            logs = {k: v for k, v in record.items() if k.startswith("val/") and v is not None}
-            logs["val/time_s"] = time.perf_counter() - started
-            # straight to the trackers: TRL's log() would fold in (and clear) training metrics
-            self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
-        return record
-
-    @contextlib.contextmanager
-    def _validation_sampler(self):
-        """Yields (validation function, samples with the vLLM engine?, shard group size).
-
-        The group size is 0 for a user-supplied function (main process only), else the number
-        of consecutive ranks that compute one shard together: 1, or with a colocated vLLM
-        engine the tensor-parallel size (TRL's TP groups are consecutive ranks sharing one
-        engine, which must see identical requests). With a colocated engine the built-in
-        validation samples with it, synced to the current weights.
-        """
-        fn: Callable[..., Any] = self._validation_fn
-        builtin = fn is evaluate_in_memory
-        use_engine = builtin and self.use_vllm and self.args.vllm_mode == "colocate"
-        if not use_engine:
-            yield fn, False, 1 if builtin else 0
-            return
-        vg = self.vllm_generation
-        vg.sync_weights()  # collective under ZeRO-3: every rank takes part
-        self._last_loaded_step = self.state.global_step
-        engine_fn = vllm_engine_validation(vg.llm)
-        if vg.enable_sleep_mode:
-            vg.llm.wake_up(tags=["kv_cache"])
-        try:
-            yield engine_fn, True, int(self.args.vllm_tensor_parallel_size)
-        finally:
-            if vg.enable_sleep_mode:
-                vg.llm.sleep(level=2)
-                vg._llm_weights_sleeping = True
+        """Validate now (see InLoopValidation.run); the record on the main process, else None."""
+        return self._validation.run(step)
