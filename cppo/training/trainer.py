@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOTrainer
@@ -39,6 +38,7 @@ from cppo.rules import RuleBatch, aggregate_loss, get_rule
 from cppo.training.config import CPPOConfig
 from cppo.training.diagnostics import MetricsWriter, StepLog
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
+from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
 from cppo.training.validation import ValidationFn
 from cppo.training.validation_callback import InLoopValidation
@@ -86,37 +86,6 @@ class EpochSeededRepeatSampler(RepeatSampler):
     def set_epoch(self, epoch: int) -> None:
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + epoch)
-
-
-class RunProgress(TrainerCallback):
-    """A tqdm bar over optimizer steps with the latest reward / accuracy / validation mean."""
-
-    def __init__(self) -> None:
-        self.bar = None
-        self.postfix: dict[str, str] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.bar = tqdm(
-                total=state.max_steps, initial=state.global_step, desc="train", unit="step"
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is None or not logs:
-            return
-        for key, label in (("reward/mean", "reward"), ("accuracy", "acc"), ("val/mean", "val")):
-            if logs.get(key) is not None:
-                self.postfix[label] = f"{logs[key]:.3f}"
-        self.bar.set_postfix(self.postfix, refresh=False)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class CPPOTrainer(GRPOTrainer):
