@@ -234,19 +234,26 @@ def test_killed_real_training_job_resumes(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    from cppo.training.checkpoints import is_complete
+
+    def saved_steps() -> list[int]:
+        # complete checkpoints only: a kill while one is being written leaves a partial one,
+        # which a resume rightly ignores
+        return sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if is_complete(p))
+
     deadline = time.time() + 1200
     try:
-        while time.time() < deadline and not list(run.glob("checkpoint-*")):
+        while time.time() < deadline and not saved_steps():
             if proc.poll() is not None:
                 pytest.fail("snakemake ended before the first checkpoint")
-            time.sleep(0.5)
-        assert list(run.glob("checkpoint-*")), "no checkpoint within the time limit"
+            time.sleep(0.2)
+        assert saved_steps(), "no checkpoint within the time limit"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # a hard crash of snakemake and its job
         proc.wait()
     assert not (run / "DONE").exists()
-    saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    saved = saved_steps()
     # a hard kill leaves Snakemake's lock behind: unlock, then rerun the same command
     ok(snakemake(tmp_path, "--unlock", target, configfiles=[CI, longer]))
     proc = snakemake(
