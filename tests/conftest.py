@@ -27,4 +27,11 @@ RULE_EXTRA_KEYS = {
     "trm_avg": {"outward/fraction", "trm/reject_fraction", "trm/score_mean"},
     "cppo": {"outward/fraction", "cppo/prefix_share"},
     "none": {"outward/fraction"},
+    "gspo": {"outward/fraction", "gspo/seq_ratio_abs_dev_mean"},
+    "gmpo": {"outward/fraction", "gmpo/seq_ratio_abs_dev_mean"},
+    "sapo": {"outward/fraction", "sapo/gate_mean", "sapo/gate_outward_mean"},
+    "tis": {"outward/fraction", "tis/capped_fraction", "tis/weight_mean"},
+    "icepop": {"outward/fraction", "icepop/below_fraction", "icepop/above_fraction"},
+    "opsm": {"outward/fraction", "opsm/masked_fraction"},
+    "m2po": {"outward/fraction", "m2po/m2_before", "m2po/m2_after"},
 }

@@ -21,7 +21,7 @@ from cppo.pipeline.config import (
 from cppo.pipeline.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["toy", "toy-full", "paper", "ablations", "conventions", "ci"]
+CONFIGS = ["toy", "toy-full", "toy-extended", "paper", "ablations", "conventions", "ci"]
 
 
 def toy() -> dict:
@@ -47,6 +47,7 @@ def test_matrix_sizes():
     assert sizes == {
         "toy": 48,
         "toy-full": 96,
+        "toy-extended": 96,
         "paper": 28,
         "ablations": 30,
         "conventions": 12,
@@ -425,3 +426,47 @@ def test_trust_region_ranges_agree_with_the_rule(key, value):
         assert f"trust_region.{key}" in str(err)
         pipeline_ok = False
     assert pipeline_ok == rule_ok, (key, value)
+
+
+def test_extends_merges_a_config_over_its_base(tmp_path):
+    base = load_config(ROOT / "config" / "toy.yaml")
+    ext = Plan(load_config(ROOT / "config" / "toy-extended.yaml"))
+    toy_plan = Plan(base)
+    assert ext.matrix.root == "results/toy-extended"
+    # lists replace the base's; everything the config leaves out is the base's
+    assert ext.matrix.methods[: len(toy_plan.matrix.methods)] == toy_plan.matrix.methods
+    assert len(ext.matrix.runs) == 96 and len(toy_plan.matrix.runs) == 48
+    assert ext.cfg["models"] == toy_plan.cfg["models"]
+    assert ext.cfg["validation"] == toy_plan.cfg["validation"]
+    # the shared runs resolve to the same run.yaml up to their directory
+    for model, method, seed in toy_plan.matrix.runs:
+        a = toy_plan.resolver.run_config(model, method, seed)
+        b = ext.resolver.run_config(model, method, seed)
+        assert json.dumps(a).replace("results/toy/", "results/toy-extended/") == json.dumps(b)
+    one = tmp_path / "one.yaml"
+    two = tmp_path / "two.yaml"
+    one.write_text(yaml.safe_dump({"extends": str(two), "profile": "one"}))
+    two.write_text(yaml.safe_dump({"extends": str(one)}))
+    with pytest.raises(ConfigError, match="extends: .* is a cycle"):
+        validate(load_config(one))
+    with pytest.raises(ConfigError, match="extends: no such file"):
+        validate({"extends": str(tmp_path / "missing.yaml")})
+
+
+def test_a_method_preset_fixes_its_advantage_scaling(tmp_path):
+    plan = Plan(load_config(ROOT / "config" / "toy-extended.yaml"))
+    dr = plan.resolver.run_config("toy-s-2up", "dr_grpo", 0)
+    assert dr["method"] == {
+        "rule": "grpo",
+        "loss_agg_mode": "seq-mean-token-sum-norm",
+        "horizon": 128,
+        "eps_low": 0.2,
+        "eps_high": 0.2,
+        "dual_clip": None,
+    }
+    assert dr["rl"] == {"scale_rewards": "none"}
+    raw = load_config(ROOT / "config" / "toy-extended.yaml")
+    raw["training"] = {"scale_rewards": "group"}
+    plan = Plan(raw)
+    assert plan.resolver.run_config("toy-s-2up", "dr_grpo", 0)["rl"]["scale_rewards"] == "none"
+    assert plan.resolver.run_config("toy-s-2up", "grpo", 0)["rl"]["scale_rewards"] == "group"

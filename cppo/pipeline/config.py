@@ -24,7 +24,7 @@ from cppo.config_schema import suggest as _suggest
 from cppo.divergence import DIVERGENCE_KINDS
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
-# relative paths in a config (method_catalogue) are relative to the repository root
+# relative paths in a config (extends, method_catalogue) are relative to the repository root
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -358,16 +358,37 @@ def models_use_toy(c: Mapping[str, Any]) -> bool:
     return any(c["models"][m]["source"] == "toy" for m in c["run"]["models"] if m in c["models"])
 
 
+def _repo_file(key: str, path: str) -> Path:
+    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    if not file.is_file():
+        raise ConfigError([f"{key}: no such file {str(file)!r}"])
+    return file
+
+
+def with_base_config(cfg: Mapping[str, Any], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`cfg` deep-merged over the config named by its `extends` key (a path relative to the
+    repository root, or absolute; followed recursively): mappings merge key by key, any other
+    value, lists included, replaces the base's."""
+    path = cfg.get("extends") if isinstance(cfg, Mapping) else None
+    if not path:
+        return dict(cfg)
+    if path in seen:
+        raise ConfigError([f"extends: {' -> '.join((*seen, path))} is a cycle"])
+    with _repo_file("extends", path).open() as fh:
+        base = yaml.safe_load(fh) or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError([f"extends: {path} must hold a mapping"])
+    own = {k: v for k, v in cfg.items() if k != "extends"}
+    return deep_merge(with_base_config(base, (*seen, path)), own)
+
+
 def with_method_catalogue(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """`cfg` with the methods of its `method_catalogue` file (a path relative to the repository
     root, or absolute) under its own `methods:` entries, which are merged over them key by key."""
     path = cfg.get("method_catalogue") if isinstance(cfg, Mapping) else None
     if not path:
         return dict(cfg)
-    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-    if not file.is_file():
-        raise ConfigError([f"method_catalogue: no such file {str(file)!r}"])
-    with file.open() as fh:
+    with _repo_file("method_catalogue", path).open() as fh:
         catalogue = yaml.safe_load(fh) or {}
     if not isinstance(catalogue, Mapping) or set(catalogue) != {"methods"}:
         raise ConfigError([f"method_catalogue: {path} must hold one top-level key, 'methods'"])
@@ -378,7 +399,7 @@ def with_method_catalogue(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a raw config; returns the normalized config or raises ConfigError."""
-    cfg = with_method_catalogue(cfg)
+    cfg = with_method_catalogue(with_base_config(cfg))
     errors = schema_errors(cfg)
     if errors:
         raise ConfigError(errors)

@@ -160,7 +160,8 @@ class RunResolver:
             "max_new_tokens": val["max_new_tokens"] or sched["max_completion_length"],
             "batch_size": val["batch_size"],
         }
-        cfg["rl"] = {"scale_rewards": training["scale_rewards"]}
+        method_scale = self.cfg["methods"][method]["scale_rewards"]
+        cfg["rl"] = {"scale_rewards": method_scale or training["scale_rewards"]}
         cfg["cast_lm_head_to_fp32"] = training["cast_lm_head_to_fp32"]
         cfg["backend"] = training["backend"]
         cfg["bf16"] = training["bf16"]

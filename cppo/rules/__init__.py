@@ -11,11 +11,27 @@ Public API::
     loss = aggregate_loss(out.per_token_loss, response_mask, cfg.get("loss_agg_mode", ...))
     metrics_to_floats(out.metrics)  # the diagnostics are 0-dim tensors: one copy to the host
 
-Registered rules: grpo, cispo, dppo, cppo, trm_max, trm_avg, minpro and the no-trust-region
-control none (one module each).
+Registered rules (one module each): the paper's grpo, cispo, dppo, cppo, trm_max, trm_avg,
+minpro and the no-trust-region control none; beyond the paper gspo, gmpo, sapo, tis, icepop,
+opsm and m2po (Dr. GRPO is a preset of grpo in config/methods.yaml).
 """
 
-from cppo.rules import cispo, cppo, dppo, grpo, minpro, none, trm  # noqa: F401  (registration)
+from cppo.rules import (  # noqa: F401  (registration)
+    cispo,
+    cppo,
+    dppo,
+    gmpo,
+    grpo,
+    gspo,
+    icepop,
+    m2po,
+    minpro,
+    none,
+    opsm,
+    sapo,
+    tis,
+    trm,
+)
 from cppo.rules.aggregation import AGGREGATION_MODES, aggregate_loss
 from cppo.rules.base import RuleBatch, RuleOutput, metrics_to_floats
 from cppo.rules.cppo import (

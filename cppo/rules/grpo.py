@@ -30,7 +30,7 @@ from cppo.rules.base import (
 from cppo.rules.ops import masked_mean
 from cppo.rules.registry import RATIO_CAP, Param, RuleConfigError, register_rule
 
-__all__ = ["grpo_keep", "grpo_rule"]
+__all__ = ["PPO_CLIP_PARAMS", "check_dual_clip", "grpo_keep", "grpo_rule", "ppo_clip_loss"]
 
 
 def grpo_keep(
@@ -53,22 +53,42 @@ def grpo_keep(
         return keep & response_mask
 
 
-def _check_cfg(cfg: dict[str, Any]) -> None:
+def ppo_clip_loss(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+) -> torch.Tensor:
+    """max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), then min(., -c A) where A < 0."""
+    loss = torch.maximum(
+        -advantages * ratio, -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    )
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss
+
+
+# The clip parameters, shared with the rules built on the same clipped loss (OPSM).
+PPO_CLIP_PARAMS = {
+    "eps_low": Param(0.2, float, check=lambda x: 0 <= x < 1, requirement="0 <= eps_low < 1"),
+    "eps_high": Param(0.28, float, check=lambda x: x >= 0, requirement=">= 0"),
+    "dual_clip": Param(3.0, float, optional=True),
+}
+
+
+def check_dual_clip(cfg: dict[str, Any]) -> None:
     if cfg["dual_clip"] is not None and cfg["dual_clip"] <= 1.0:
         raise RuleConfigError(
-            f"rule 'grpo': config key 'dual_clip' must be > 1 (or null); got {cfg['dual_clip']}"
+            f"config key 'dual_clip' must be > 1 (or null); got {cfg['dual_clip']}"
         )
 
 
 @register_rule(
     "grpo",
-    params={
-        "eps_low": Param(0.2, float, check=lambda x: 0 <= x < 1, requirement="0 <= eps_low < 1"),
-        "eps_high": Param(0.28, float, check=lambda x: x >= 0, requirement=">= 0"),
-        "dual_clip": Param(3.0, float, optional=True),
-        "ratio_cap": RATIO_CAP,
-    },
-    check=_check_cfg,
+    params={**PPO_CLIP_PARAMS, "ratio_cap": RATIO_CAP},
+    check=check_dual_clip,
 )
 def grpo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """PPO clipped loss with clip-higher (0.2, 0.28) and dual clip c (default 3)."""
@@ -76,11 +96,8 @@ def grpo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     lr = batch.log_ratio()
     adv = batch.advantages_2d()
     ratio = ratio_from_log_ratio(lr, cfg["log_ratio_clamp"])
-    lo, hi = 1.0 - cfg["eps_low"], 1.0 + cfg["eps_high"]
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(lo, hi))
     c = cfg["dual_clip"]
-    if c is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * c), loss)
+    loss = ppo_clip_loss(ratio, adv, eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], dual_clip=c)
     f = ratio_cap_factor(ratio, cfg["ratio_cap"])
     if f is not None:
         loss = loss * f

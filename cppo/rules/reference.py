@@ -213,3 +213,134 @@ def minpro_weights_reference(
         prefix_min = rho if not seen else min(prefix_min, rho)
         seen = True
     return weights
+
+
+# --- rules beyond the paper: per response, (per-token loss value, d(loss)/d(log pi_t)) --------
+# Each returns, for every token of one response, the value of its per-token loss and the
+# derivative of the response's summed per-token loss with respect to that token's log pi,
+# written out by hand from the rule's equation (see the rule modules' docstrings).
+
+
+def _clip_value(a: float, s: float, eps_low: float, eps_high: float) -> float:
+    return max(-a * s, -a * min(max(s, 1.0 - eps_low), 1.0 + eps_high))
+
+
+def gspo_reference(
+    log_ratio: Sequence[float], advantages: Sequence[float], *, eps_low: float, eps_high: float
+) -> tuple[list[float], list[float]]:
+    """GSPO-token: every token sees s = exp(mean log rho); gradient -A s where it is not clipped."""
+    s = math.exp(sum(log_ratio) / len(log_ratio)) if log_ratio else 1.0
+    values, grads = [], []
+    for a in advantages:
+        values.append(_clip_value(a, s, eps_low, eps_high))
+        clipped = (a > 0 and s > 1.0 + eps_high) or (a < 0 and s < 1.0 - eps_low)
+        grads.append(0.0 if clipped else -a * s)
+    return values, grads
+
+
+def gmpo_reference(
+    log_ratio: Sequence[float], advantages: Sequence[float], *, eps_low: float, eps_high: float
+) -> tuple[list[float], list[float]]:
+    """GMPO: L = -mean(A) exp(mean of the sign-aware clipped log-ratios) on every token; the
+    row's sum is n L, so d/d log pi_t = -mean(A) r [log rho_t not clipped]."""
+    n = len(log_ratio)
+    if n == 0:
+        return [], []
+    logs, passes = [], []
+    for lr, a in zip(log_ratio, advantages, strict=True):
+        c = min(max(lr, -eps_low), eps_high)
+        if a > 0:
+            logs.append(min(lr, c))
+            passes.append(lr <= eps_high)
+        elif a < 0:
+            logs.append(max(lr, c))
+            passes.append(lr >= -eps_low)
+        else:
+            logs.append(0.0)
+            passes.append(True)
+    r = math.exp(sum(logs) / n)
+    abar = sum(advantages) / n
+    # the sign makes a token's log-ratio constant (no gradient) only where it is clipped; a
+    # zero advantage contributes a constant 0
+    grads = [-abar * r if p and a != 0 else 0.0 for p, a in zip(passes, advantages, strict=True)]
+    return [-abar * r] * n, grads
+
+
+def sapo_reference(
+    log_ratio: Sequence[float], advantages: Sequence[float], *, tau_pos: float, tau_neg: float
+) -> tuple[list[float], list[float]]:
+    """SAPO: L = -(4/tau) sigmoid(tau (rho - 1)) A, dL/d log pi = -4 s (1 - s) rho A."""
+    values, grads = [], []
+    for lr, a in zip(log_ratio, advantages, strict=True):
+        rho = math.exp(lr)
+        tau = tau_pos if a > 0 else tau_neg
+        s = 1.0 / (1.0 + math.exp(-tau * (rho - 1.0)))
+        values.append(-(4.0 / tau) * s * a)
+        grads.append(-4.0 * s * (1.0 - s) * rho * a)
+    return values, grads
+
+
+def tis_reference(
+    log_ratio: Sequence[float], advantages: Sequence[float], *, cap: float
+) -> tuple[list[float], list[float]]:
+    """TIS: L = -min(rho, C) A and dL/d log pi = -min(rho, C) A."""
+    w = [min(math.exp(lr), cap) for lr in log_ratio]
+    values = [-wi * a for wi, a in zip(w, advantages, strict=True)]
+    return values, list(values)
+
+
+def icepop_reference(
+    log_ratio: Sequence[float], advantages: Sequence[float], *, low: float, high: float
+) -> tuple[list[float], list[float]]:
+    """IcePop: L = -[low <= rho <= high] rho A, and the same expression as its derivative."""
+    values = []
+    for lr, a in zip(log_ratio, advantages, strict=True):
+        rho = math.exp(lr)
+        values.append(-rho * a if low <= rho <= high else 0.0)
+    return values, list(values)
+
+
+def opsm_reference(
+    log_ratio: Sequence[float],
+    advantages: Sequence[float],
+    *,
+    threshold: float,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+) -> tuple[list[float], list[float]]:
+    """OPSM: the clipped PPO loss, zero on negative-advantage tokens of a response whose mean
+    log(mu / pi) exceeds the threshold."""
+    n = len(log_ratio)
+    drift = -sum(log_ratio) / n if n else 0.0
+    ratios = [math.exp(lr) for lr in log_ratio]
+    keep = grpo_keep_reference(
+        ratios, advantages, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
+    )
+    values, grads = [], []
+    for rho, a, k in zip(ratios, advantages, keep, strict=True):
+        if a < 0 and drift > threshold:
+            values.append(0.0)
+            grads.append(0.0)
+            continue
+        v = _clip_value(a, rho, eps_low, eps_high)
+        if dual_clip is not None and a < 0:
+            v = min(v, -a * dual_clip)
+        values.append(v)
+        grads.append(-rho * a if k else 0.0)
+    return values, grads
+
+
+def m2po_masked_reference(squares: Sequence[float], tau: float) -> list[bool]:
+    """The M2PO loop: while the mean of the unmasked values exceeds tau, mask the largest
+    (the earliest of equal values is kept longest, as a stable sort orders them)."""
+    masked = [False] * len(squares)
+    while True:
+        rest = [v for v, m in zip(squares, masked, strict=True) if not m]
+        if not rest or sum(rest) / len(rest) <= tau:
+            return masked
+        top = max(v for v, m in zip(squares, masked, strict=True) if not m)
+        last = max(
+            i for i, (v, m) in enumerate(zip(squares, masked, strict=True)) if not m and v == top
+        )
+        masked[last] = True
