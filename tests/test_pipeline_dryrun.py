@@ -123,12 +123,15 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "gpu=8" in out and "slurm_partition=<GPU_PARTITION>" in out
     assert "runtime=2880" in out  # the training wall time from the config
     assert "accelerate launch --num_processes 8 --config_file" in out
-    # the 30B model: two 8-GPU nodes, one srun task per node starting accelerate
-    assert "gpu=16, nodes=2, tasks_per_node=8, cpus_per_task=8, mpi=srun" in out
-    assert "-- srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in out
-    # the resource check ran at parse time and printed its table
+    # the 30B model on verl: two 8-GPU nodes, one task per node (the Ray head and a worker),
+    # the verl train command inside the Ray cluster, the verl env
+    assert "gpu=16, nodes=2, tasks_per_node=1, cpus_per_task=64, mpi=srun" in out
+    assert "-- bash cppo/backends/verl/ray_slurm.sh python -m cppo.backends.verl.train" in out
+    assert "results/paper/runs/Qwen3-30B-A3B-Base/cppo/seed0/DONE" in out
+    # the resource check ran at parse time and printed its table and the verl notes
     assert "Per-GPU memory of one training job" in proc.stderr
-    assert "Qwen3-30B-A3B-Base  2x8" in proc.stderr
+    assert "Qwen3-30B-A3B-Base  verl     2x8" in proc.stderr
+    assert "methods.cppo: topk_tv is not wired into verl" in proc.stderr
 
 
 def test_infeasible_gpu_config_stops_snakemake_naming_the_model(tmp_path):

@@ -47,3 +47,20 @@ def test_env_python_matches_requires_python():
         env = yaml.safe_load((ROOT / "envs" / env_file).read_text())
         pythons = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
         assert pythons == [f"python={floor}"], env_file
+
+
+def _verl_env() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["cppo"]["verl-env"]
+
+
+def test_verl_env_files_mirror_the_verl_pins():
+    want = sorted(_norm(r) for r in _verl_env()["gpu"])
+    assert sorted(_pip_deps("verl.yaml")) == want
+    lines = (ROOT / "envs" / "verl-requirements.txt").read_text().splitlines()
+    reqs = [_norm(x) for x in lines if x.strip() and not x.startswith("#")]
+    assert sorted(reqs) == want
+    env = yaml.safe_load((ROOT / "envs" / "verl.yaml").read_text())
+    assert f"python={_verl_env()['python']}" in env["dependencies"]
+    # verl's own pins, which is why it has an environment of its own
+    assert "verl[vllm]==0.9.1" in _verl_env()["gpu"]
+    assert "torch==2.13.0" in _pyproject()["dependencies"]

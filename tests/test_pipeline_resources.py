@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = {
     "toy": ["toy.yaml"],
     "toy-full": ["toy-full.yaml"],
+    "toy-extended": ["toy-extended.yaml"],
     "toy-sweep": ["toy.yaml", "toy-sweep.yaml"],
     "paper": ["paper.yaml"],
     "ablations": ["ablations.yaml"],
@@ -36,9 +37,27 @@ def paper() -> dict:
     return load_config(ROOT / "config" / "paper.yaml")
 
 
-def one_node_30b(cfg: dict) -> dict:
-    """The 30B model as config/paper.yaml used to launch it: one node, vLLM at TP 2, 0.35."""
+def trl_30b(cfg: dict) -> dict:
+    """The 30B model on the project's TRL trainer (config/paper.yaml's comment): ZeRO-3 over 2
+    nodes, vLLM at TP 4 and 0.5."""
     cfg = copy.deepcopy(cfg)
+    entry = cfg["models"][QWEN30B]
+    entry["env"] = "gpu"
+    entry["training"] = {
+        "extra": {
+            "vllm": {
+                "gpu_memory_utilization": 0.5,
+                "tensor_parallel_size": 4,
+                "max_model_length": 18432,
+            }
+        }
+    }
+    return cfg
+
+
+def one_node_30b(cfg: dict) -> dict:
+    """The 30B model as config/paper.yaml first launched it: TRL, one node, vLLM at TP 2, 0.35."""
+    cfg = trl_30b(cfg)
     entry = cfg["models"][QWEN30B]
     entry["resources"]["train"]["nodes"] = 1
     entry["schedule"]["micro_batch"] = 2  # 64 responses per GPU on 8 GPUs: 2 divides it
@@ -387,7 +406,7 @@ def test_a_model_without_architecture_numbers_is_refused():
 def test_cli(tmp_path, capsys):
     assert main(["check-resources", str(ROOT / "config" / "paper.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "Qwen3-30B-A3B-Base  2x8" in out and "GPU-h" in out
+    assert "Qwen3-30B-A3B-Base  verl     2x8" in out and "GPU-h" in out
     bad = tmp_path / "bad.yaml"
     import yaml
 
@@ -440,7 +459,7 @@ def test_multi_node_and_launcher_errors():
 
 
 def test_run_yaml_threads_and_micro_batch():
-    plan = Plan(paper())
+    plan = Plan(trl_30b(paper()))
     expect = {  # model: (threads per node // 8 processes, micro_batch)
         "Qwen3-1.7B": (32 // 8, 4),
         "Qwen3-1.7B-Base": (32 // 8, 4),
@@ -458,7 +477,7 @@ def test_run_yaml_threads_and_micro_batch():
 
 
 def test_snakemake_resources():
-    plan = Plan(paper())
+    plan = Plan(trl_30b(paper()))
     single = plan.commands.snakemake_resources("train", "Qwen3-8B-Base")
     assert single == {
         "mem_mb": 960000,
@@ -482,7 +501,7 @@ def test_snakemake_resources():
 
 
 def test_train_commands():
-    plan = Plan(paper())
+    plan = Plan(trl_30b(paper()))
     assert plan.commands.train_command("cppo", "Qwen3-8B-Base") == (
         "accelerate launch --num_processes 8 --config_file config/accelerate/zero3.yaml -m "
         "cppo.train"
@@ -517,7 +536,7 @@ def test_multi_node_command_runs_one_launch_per_node(tmp_path):
     hostnames = ['test "$*" = "show hostnames gpu-[07-08]" || exit 2', "echo gpu-07; echo gpu-08"]
     _stub(bin_dir / "scontrol", "\n".join(hostnames) + "\n")
     _stub(bin_dir / "accelerate", f'echo "$*" >> {tmp_path}/launches\n')
-    cmd = Plan(paper()).commands.train_command("cppo", QWEN30B)
+    cmd = Plan(trl_30b(paper())).commands.train_command("cppo", QWEN30B)
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cppo.training.vllm_rollout import pad_topk, split_vllm_logprobs
+from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
 
 
 def test_sampled_inside_and_outside_topk():

@@ -15,6 +15,7 @@ from cppo.pipeline.config import (
     is_accelerate_launcher,
     model_resources,
     model_schedule,
+    model_training,
     train_processes_per_node,
     train_world_size,
 )
@@ -23,6 +24,9 @@ from cppo.pipeline.matrix import RunMatrix
 # Rendezvous port of a multi-node job: offset by the SLURM job id so that two jobs sharing a
 # node never collide.
 MAIN_PROCESS_PORT_BASE = 29500
+# The verl backend's train command, and the Ray cluster it runs in on several nodes.
+VERL_TRAIN = "python -m cppo.backends.verl.train"
+VERL_RAY_SLURM = "bash cppo/backends/verl/ray_slurm.sh"
 
 
 def format_cli_args(args: Mapping[str, Any]) -> str:
@@ -85,12 +89,13 @@ class Commands:
             "mpi": None,
         }
         if step == "train" and model is not None and self.nodes(model) > 1:
-            per_node = self.processes_per_node(model)
+            # verl: one Ray node per host, which drives all of its GPUs
+            per_node = 1 if self.uses_verl(model) else self.processes_per_node(model)
             out.update(
-                gpu=self.nodes(model) * per_node,
+                gpu=self.nodes(model) * self.processes_per_node(model),
                 nodes=self.nodes(model),
                 tasks_per_node=per_node,
-                cpus_per_task=self.threads_per_process(model),
+                cpus_per_task=max(1, self.threads("train", model) // per_node),
                 mpi="srun",
             )
         return out
@@ -105,6 +110,9 @@ class Commands:
         cmd = self.cfg["commands"][name]
         return f"{cmd['launcher']} {cmd['module']}"
 
+    def uses_verl(self, model: str) -> bool:
+        return model_training(self.cfg, model)["backend"] == "verl"
+
     def train_command(self, method: str, model: str | None = None) -> str:
         """The trainer invocation (without --config); imports a rule's module first if needed.
 
@@ -113,6 +121,12 @@ class Commands:
         `accelerate launch` with its node's rank and the first node as the rendezvous host;
         the trainer's own arguments (--config, appended by train-job) reach it through "$@".
         """
+        if model is not None and self.uses_verl(model):
+            # verl starts its own workers (Ray); on several nodes the job's first node becomes
+            # the Ray head and srun starts a worker on every other node
+            if self.nodes(model) > 1:
+                return f"{VERL_RAY_SLURM} {VERL_TRAIN}"
+            return VERL_TRAIN
         cmd = self.cfg["commands"]["train"]
         launcher = cmd["launcher"]
         module = self.cfg["methods"][method]["module"]

@@ -102,7 +102,10 @@ def normalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ev.setdefault("benchmarks", list(val["benchmarks"]))
     for key in ("k", "temperature", "top_p", "max_new_tokens", "batch_size"):
         ev.setdefault(key, val[key])
-    ev.setdefault("backend", c["training"]["backend"])
+    # verl trains; its checkpoints are evaluated with vLLM like any other
+    ev.setdefault(
+        "backend", "vllm" if c["training"]["backend"] == "verl" else c["training"]["backend"]
+    )
     for name, entry in [*c["models"].items(), *c["methods"].items()]:
         entry.setdefault("label", name)
     for fig in c["figures"]["ablations"]:

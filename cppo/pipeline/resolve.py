@@ -162,8 +162,18 @@ class RunResolver:
         }
         method_scale = self.cfg["methods"][method]["scale_rewards"]
         cfg["rl"] = {"scale_rewards": method_scale or training["scale_rewards"]}
+        if training["backend"] == "verl":
+            # verl keeps zero-variance groups in its loss normalisers (their advantage is 0)
+            cfg["rl"]["mask_std_0"] = False
         cfg["cast_lm_head_to_fp32"] = training["cast_lm_head_to_fp32"]
         cfg["backend"] = training["backend"]
+        if training["backend"] == "verl":
+            res = self.commands.resources("train", model)
+            cfg["verl"] = {
+                **training["verl"],
+                "nnodes": self.commands.nodes(model),
+                "gpus_per_node": int(res.get("gpus", 0)) or 1,
+            }
         cfg["bf16"] = training["bf16"]
         cfg["use_cpu"] = training["use_cpu"]
         cfg["report_to"] = training["report_to"]

@@ -27,6 +27,7 @@ below say where each term comes from; the throughput figures (THROUGHPUT) are as
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 from collections.abc import Mapping
@@ -240,6 +241,11 @@ class TrainingJob:
     snapshots: str  # all | best | none
     runtime_min: int
     runs: int  # runs of this model in the matrix (methods x seeds)
+    # verl: tokens per GPU per forward/backward pass (dynamic batch size) instead of
+    # micro_batch x seq_len, and the config block its engine settings come from
+    update_tokens: int | None = None
+    engine_key: str = "training.extra.vllm"
+    tp_key: str = "tensor_parallel_size"
 
     @property
     def world_size(self) -> int:
@@ -248,7 +254,7 @@ class TrainingJob:
     @property
     def colocated_engine(self) -> bool:
         """A vLLM engine on the training GPUs (in server mode it runs elsewhere)."""
-        return self.backend == "vllm" and self.vllm_mode == "colocate"
+        return self.backend in ("vllm", "verl") and self.vllm_mode == "colocate"
 
     @property
     def seq_len(self) -> int:
@@ -308,7 +314,7 @@ def memory(job: TrainingJob) -> Memory:
         buffers = ZERO3_GATHERED_LAYERS * a.layer_params() * BF16 * 2
         buffers += a.embedding_params * head_bytes * 2
 
-    tokens = job.micro_batch * job.seq_len
+    tokens = job.update_tokens or job.micro_batch * job.seq_len
     width = (
         LAYER_HIDDEN_VALUES * a.hidden
         + 2 * a.q_dim
@@ -325,7 +331,8 @@ def memory(job: TrainingJob) -> Memory:
     # One micro-batch's completion logits in the LM head's precision. TRL's fused head
     # (ChunkedLogProbFunction, used by the trainer) never holds them all; the term is kept as the
     # margin for any unfused path.
-    logits = job.micro_batch * job.max_completion_length * a.vocab * head_bytes
+    logit_rows = job.update_tokens or job.micro_batch * job.max_completion_length
+    logits = logit_rows * a.vocab * head_bytes
 
     base = {"training states": states, "reserve": RESERVED_GIB * GIB}
     training = {**base, "gathered ZeRO-3 buffers": buffers}
@@ -386,13 +393,13 @@ def gib(x: float) -> str:
 def memory_errors(job: TrainingJob, mem: Memory) -> list[str]:
     """Why the job cannot start or run, one message per problem, naming the model and the key."""
     m = job.model
-    vllm = f"models.{m}.training.extra.vllm"
+    vllm = f"models.{m}.{job.engine_key}"
     errors: list[str] = []
     if job.colocated_engine:  # a server's engine is sized where it runs
         tp = job.tensor_parallel_size
         if job.gpus_per_node % tp:
             errors.append(
-                f"{vllm}.tensor_parallel_size: {tp} does not divide the {job.gpus_per_node} "
+                f"{vllm}.{job.tp_key}: {tp} does not divide the {job.gpus_per_node} "
                 "GPUs of a node (each engine lives on one node)"
             )
         if job.max_model_length is None:
@@ -412,9 +419,9 @@ def memory_errors(job: TrainingJob, mem: Memory) -> list[str]:
         if mem.kv_budget <= 0:
             errors.append(
                 f"models.{m}: vLLM weights {gib(mem.engine_weights)} GiB per GPU "
-                f"(tensor_parallel_size {tp}) + {VLLM_RUNTIME_GIB} GiB engine runtime exceed "
+                f"({job.tp_key} {tp}) + {VLLM_RUNTIME_GIB} GiB engine runtime exceed "
                 f"the engine budget {budget} = {gib(mem.engine_budget)} GiB; raise "
-                f"{vllm}.gpu_memory_utilization or tensor_parallel_size"
+                f"{vllm}.gpu_memory_utilization or {job.tp_key}"
             )
         elif mem.kv_sequences < 1:
             length = job.max_model_length or job.seq_len
@@ -615,7 +622,7 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
     val = cfg["validation"]
     per_process = sched["minibatch"] * sched["n"] // plan.commands.world_size(model)
     keep = extra.get("keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS)
-    return TrainingJob(
+    job = TrainingJob(
         model=model,
         arch_name=arch_name,
         arch=ARCHITECTURES[arch_name],
@@ -649,6 +656,29 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         runtime_min=int(res["runtime"]),
         runs=len(plan.matrix.methods) * len(plan.matrix.seeds),
     )
+    if training["backend"] == "verl":
+        job = dataclasses.replace(job, **_verl_terms(training["verl"], sched))
+    return job
+
+
+def _verl_terms(verl: Mapping[str, Any], sched: Mapping[str, Any]) -> dict[str, Any]:
+    """verl's memory model in the terms of TrainingJob: FSDP full sharding (or Megatron with
+    its distributed optimizer) shards parameters, gradients and Adam states over every GPU as
+    ZeRO-3 does; its vLLM engine shares the GPUs and frees weights and KV cache during the
+    update (rollout.free_cache_engine), sized for prompt + response; an update pass holds
+    max_token_len_per_gpu tokens (dynamic batch size)."""
+    seq_len = sched["max_prompt_length"] + sched["max_completion_length"]
+    return {
+        "zero_stage": 3,
+        "vllm_mode": "colocate",
+        "tensor_parallel_size": int(verl["rollout_tensor_parallel_size"]),
+        "gpu_memory_utilization": float(verl["gpu_memory_utilization"]),
+        "sleep_mode": True,
+        "max_model_length": seq_len,
+        "update_tokens": int(verl["max_token_len_per_gpu"] or seq_len),
+        "engine_key": "training.verl",
+        "tp_key": "rollout_tensor_parallel_size",
+    }
 
 
 @dataclass(frozen=True)
@@ -662,6 +692,7 @@ class Row:
 class Report:
     rows: list[Row]
     errors: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -679,6 +710,7 @@ def check(plan: Plan, root: str | Path | None = None) -> Report:
     """Estimate every covered model of a config; errors for those that cannot run."""
     rows: list[Row] = []
     errors: list[str] = []
+    notes: list[str] = []
     for model in gpu_training_models(plan):
         try:
             job = training_job(plan, model, root)
@@ -687,11 +719,30 @@ def check(plan: Plan, root: str | Path | None = None) -> Report:
             continue
         mem = memory(job)
         errors.extend(memory_errors(job, mem))
+        if job.backend == "verl":
+            notes.extend(verl_refusals(plan, model))
         try:
             rows.append(Row(job, mem, cost(job)))
         except ValueError as err:
             errors.append(str(err))
-    return Report(rows, errors)
+    return Report(rows, errors, notes)
+
+
+def verl_refusals(plan: Plan, model: str) -> list[str]:
+    """The runs of a verl model whose rule reads a Top-K divergence: the verl train command
+    refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
+    from cppo.rules import get_rule
+
+    out = []
+    for method in plan.matrix.methods:
+        params = plan.resolver.method_params(model, method)
+        spec = get_rule(plan.cfg["methods"][method]["rule"]).divergence(params)
+        if spec is not None and spec["kind"].startswith("topk"):
+            out.append(
+                f"models.{model} / methods.{method}: {spec['kind']} is not wired into verl's "
+                "forward pass yet; its verl runs stop at start (README, 'verl backend')"
+            )
+    return out
 
 
 # --- printing ---------------------------------------------------------------------------------
@@ -718,10 +769,11 @@ def format_report(report: Report) -> str:
         mem_rows.append(
             [
                 j.model,
+                j.backend,
                 f"{j.nodes}x{j.gpus_per_node}",
                 f"{j.tensor_parallel_size}",
                 f"{j.gpu_memory_utilization:g}",
-                f"{j.micro_batch}",
+                f"{j.update_tokens} tok" if j.update_tokens else f"{j.micro_batch}",
                 gib(m.states),
                 gib(m.buffers),
                 gib(m.activations),
@@ -757,6 +809,7 @@ def format_report(report: Report) -> str:
         _table(
             [
                 "model",
+                "backend",
                 "nodes",
                 "tp",
                 "util",
@@ -795,6 +848,7 @@ def format_report(report: Report) -> str:
         ),
         f"total: {total_gpu_h:,.0f} GPU-hours of training, {total_disk / 1e12:.1f} TB of "
         "run directories at their peak (post-hoc evaluation not included)",
+        *(["", "Notes:", *(f"  - {n}" for n in report.notes)] if report.notes else []),
         "",
         "Assumptions (cppo.pipeline.resources): tokens/s per GPU (rollout, update), sync s/iter:",
     ]

@@ -3,13 +3,17 @@
 from cppo.training import CPPOTrainer, CPPOConfig, plan_batches, load_run_config, run_training
 """
 
-from cppo.training.config import CPPOConfig, grpo_config_from_run
 from cppo.training.runconfig import RunConfigError, load_run_config, validate_run_config
 from cppo.training.schedule import BatchPlan, plan_batches
 
 
 def __getattr__(name: str):
-    # the trainer pulls in TRL's GRPOTrainer and the rules; import it on first use
+    # TRL is imported on first use only: run.yaml's loader also serves environments without
+    # it (the verl backend's)
+    if name in ("CPPOConfig", "grpo_config_from_run"):
+        from cppo.training import config
+
+        return getattr(config, name)
     if name == "CPPOTrainer":
         from cppo.training.trainer import CPPOTrainer
 

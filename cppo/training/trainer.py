@@ -42,7 +42,7 @@ from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
 from cppo.training.validation import ValidationFn
 from cppo.training.validation_callback import InLoopValidation
-from cppo.training.vllm_rollout import pad_topk, split_vllm_logprobs
+from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
 
 logger = logging.getLogger(__name__)
 

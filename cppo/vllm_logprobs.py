@@ -1,4 +1,5 @@
-"""mu's sampled-token and top-K log-probs from vLLM's per-token logprob lists (no vLLM import).
+"""mu's sampled-token and top-K log-probs from vLLM's per-token logprob lists (no vLLM import;
+shared by the TRL trainer and the verl rollout, so it imports torch only).
 
 With `logprobs=K`, vLLM returns for every generated position the top-K tokens plus the sampled
 token when it is not among them (K or K+1 entries; TRL sorts them by rank). The sampled token's

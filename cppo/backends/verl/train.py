@@ -1,0 +1,236 @@
+"""``python -m cppo.backends.verl.train --config run.yaml``: one training run on verl 0.9.1.
+
+The run directory ends up as the project's trainer leaves it, so selection, evaluation, tables
+and figures read it unchanged:
+
+1. run.yaml is validated (the project's schema), and what verl cannot run as asked is refused
+   before any GPU starts: a Top-K divergence (README, "verl backend"), ``rl.mask_std_0`` (verl
+   keeps zero-variance groups in its normalisers), batch-std advantages.
+2. ``verl/`` gets the method JSON, the training data and each validation benchmark as
+   DAPO-schema parquet (data_source = the benchmark's name), and the attempt's overrides.
+3. ``python -m verl.trainer.main_ppo <overrides>`` runs; verl resumes from its last checkpoint
+   (``trainer.resume_mode=auto``). Its file logger truncates its file at every start, so each
+   attempt logs to its own file.
+4. metrics.jsonl is rebuilt from all attempts (``cppo.backends.verl.metrics``).
+5. verl's checkpoints of validated iterations become Hugging Face directories
+   ``snapshots/step-<step>`` and the last one ``final/`` (``python -m verl.model_merger``), then
+   DONE is written.
+
+``--dry-run`` stops after step 2 and prints the overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cppo.backends.verl.metrics import convert, read_verl_log
+from cppo.backends.verl.overrides import PLUGIN_MODULES, VerlSetupError, hydra_overrides
+from cppo.training.runconfig import load_run_config
+
+__all__ = ["main", "prepare", "refusals"]
+
+STATE = "verl"
+CHECKPOINTS = "verl_checkpoints"
+
+
+def refusals(cfg: dict[str, Any]) -> list[str]:
+    """What in run.yaml verl cannot run as asked, one message per key."""
+    from cppo.rules import get_rule
+
+    out = []
+    if cfg["backend"] != "verl":
+        out.append(f"backend: {cfg['backend']!r}; this command runs backend verl")
+    method = dict(cfg["method"])
+    spec = get_rule(method.pop("rule")).divergence(method)
+    if spec is not None and spec["kind"].startswith("topk"):
+        out.append(
+            f"method.divergence: {spec['kind']} needs pi's log-probs at mu's top-K ids inside "
+            "verl's forward pass, which this backend does not wire yet; use a sampled-token "
+            "divergence (binary_tv, binary_kl, k3, abs_log_ratio) for verl runs"
+        )
+    if cfg["rl"]["mask_std_0"]:
+        out.append(
+            "rl.mask_std_0: verl counts zero-variance groups in its loss normalisers; set it "
+            "false (the pipeline does for verl models)"
+        )
+    return out
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def _train_rows(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                rows.append(
+                    {
+                        "data_source": row.get("data_source", "train"),
+                        "prompt": row["prompt"],
+                        "reward_model": {
+                            "ground_truth": str(row["reward_model"]["ground_truth"]),
+                            "style": "rule",
+                        },
+                        "extra_info": row.get("extra_info") or {},
+                    }
+                )
+    return rows
+
+
+def _benchmark_rows(path: str) -> list[dict[str, Any]]:
+    from evaluation.benchmarks import load_benchmark
+    from evaluation.prompting import user_message
+
+    bench = load_benchmark(path)
+    return [
+        {
+            "data_source": bench.name,
+            "prompt": [{"role": "user", "content": user_message(r["problem"], bench.prompt_style)}],
+            "reward_model": {"ground_truth": str(r["answer"]), "style": "rule"},
+            "extra_info": {"id": r["id"]},
+        }
+        for r in bench.rows
+    ]
+
+
+def prepare(cfg: dict[str, Any]) -> tuple[Path, list[str], int]:
+    """Files of one attempt and its overrides: (state dir, overrides, attempt number)."""
+    run_dir = Path(cfg["output_dir"]).resolve()
+    state = run_dir / STATE
+    state.mkdir(parents=True, exist_ok=True)
+    method_file = state / "method.json"
+    method_file.write_text(json.dumps(cfg["method"], indent=2) + "\n")
+    train_file = state / "train.parquet"
+    _write_parquet(_train_rows(cfg["train_data"]), train_file)
+    val_files = []
+    for bench in cfg["validation"]["benchmarks"]:
+        out = state / f"val-{Path(bench).stem}.parquet"
+        _write_parquet(_benchmark_rows(bench), out)
+        val_files.append(str(out))
+    attempt = len(list(state.glob("metrics-attempt-*.jsonl"))) + 1
+    overrides = hydra_overrides(
+        cfg,
+        method_file=method_file,
+        train_file=train_file,
+        val_files=val_files,
+        checkpoint_dir=run_dir / CHECKPOINTS,
+        metrics_file=state / f"metrics-attempt-{attempt}.jsonl",
+    )
+    (state / f"overrides-attempt-{attempt}.txt").write_text("\n".join(overrides) + "\n")
+    return state, overrides, attempt
+
+
+def _rule_keys(cfg: dict[str, Any]) -> list[str]:
+    from cppo.rules import get_rule
+
+    method = dict(cfg["method"])
+    return get_rule(method.pop("rule")).metric_keys(method)
+
+
+def write_metrics(cfg: dict[str, Any], state: Path) -> int:
+    files = sorted(
+        state.glob("metrics-attempt-*.jsonl"), key=lambda p: int(p.stem.rsplit("-", 1)[1])
+    )
+    records = convert(
+        read_verl_log(files),
+        updates_per_iter=cfg["schedule"]["updates_per_iter"],
+        val_k=cfg["validation"]["k"],
+        rule_keys=_rule_keys(cfg),
+    )
+    path = Path(cfg["output_dir"]) / "metrics.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return len(records)
+
+
+def export_checkpoints(cfg: dict[str, Any], strategy: str) -> list[int]:
+    """verl's global_step_<it>/actor -> snapshots/step-<it x updates> (HF), the last -> final/."""
+    run_dir = Path(cfg["output_dir"])
+    upi = cfg["schedule"]["updates_per_iter"]
+    ckpts = sorted(
+        (int(d.name.rsplit("_", 1)[1]), d)
+        for d in (run_dir / CHECKPOINTS).glob("global_step_*")
+        if d.name.rsplit("_", 1)[1].isdigit()
+    )
+    exported = []
+    for it, d in ckpts:
+        target = run_dir / "snapshots" / f"step-{it * upi}"
+        if not target.exists():
+            _merge(d / "actor", target, strategy)
+        exported.append(it * upi)
+    if ckpts:
+        final = run_dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(run_dir / "snapshots" / f"step-{ckpts[-1][0] * upi}", final)
+    return exported
+
+
+def _merge(actor_dir: Path, target: Path, strategy: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    backend = "fsdp" if strategy == "fsdp" else "megatron"
+    cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", backend,
+           "--local_dir", str(actor_dir), "--target_dir", str(tmp)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    tmp.replace(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cppo.backends.verl.train")
+    parser.add_argument("--config", required=True, help="run.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="prepare and print the overrides")
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args.config)
+    problems = refusals(cfg)
+    if problems:
+        print("verl cannot run " + args.config + ":\n" + "\n".join(f"  - {p}" for p in problems),
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        state, overrides, attempt = prepare(cfg)
+    except VerlSetupError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("\n".join(overrides))
+        return 0
+    env = dict(os.environ)
+    env["VERL_USE_EXTERNAL_MODULES"] = PLUGIN_MODULES
+    env["VERL_FILE_LOGGER_PATH"] = str(state / f"metrics-attempt-{attempt}.jsonl")
+    start = time.monotonic()
+    code = subprocess.call([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], env=env)
+    n = write_metrics(cfg, state)
+    print(f"metrics.jsonl: {n} records from {attempt} attempt(s)", file=sys.stderr)
+    if code != 0:
+        return code
+    steps = export_checkpoints(cfg, cfg["verl"]["strategy"])
+    done = {
+        "run_name": cfg["run_name"],
+        "steps": cfg["schedule"]["iterations"] * cfg["schedule"]["updates_per_iter"],
+        "iterations": cfg["schedule"]["iterations"],
+        "backend": "verl",
+        "attempts": attempt,
+        "checkpoints": steps,
+        "wall_time_s": round(time.monotonic() - start, 3),
+    }
+    (Path(cfg["output_dir"]) / "DONE").write_text(json.dumps(done, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

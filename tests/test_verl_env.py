@@ -1,0 +1,140 @@
+"""The verl backend inside verl 0.9.1 itself (bash .ci/verl: a CPU environment with verl and
+this package): the plugin registers through verl's entry point, verl's loss aggregation equals
+the restated one, the registered loss called the way verl's ppo_loss calls it equals the
+rules, and the generated overrides compose into verl's config dataclasses and pass verl's own
+config checks. Skipped where verl is not installed (the project's environment)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+verl = pytest.importorskip("verl")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from cppo.backends.verl.loss import policy_loss, rule_loss, verl_agg_loss  # noqa: E402
+from cppo.backends.verl.overrides import hydra_overrides  # noqa: E402
+
+pytestmark = pytest.mark.verl
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
+
+
+def paper_run(method: str = "grpo") -> dict:
+    from cppo.pipeline.config import load_config
+    from cppo.pipeline.plan import Plan
+    from cppo.training.runconfig import validate_run_config
+
+    plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
+    return validate_run_config(plan.resolver.run_config("Qwen3-30B-A3B-Base", method, 0))
+
+
+def composed(run: dict, tmp_path: Path, method: dict | None = None):
+    method_file = tmp_path / "method.json"
+    method_file.write_text(json.dumps(method or run["method"]))
+    overrides = hydra_overrides(
+        run,
+        method_file=method_file,
+        train_file=tmp_path / "train.parquet",
+        val_files=[str(tmp_path / "val.parquet")],
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_file=tmp_path / "log.jsonl",
+    )
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def test_the_plugin_registers_the_loss_through_verls_entry_point():
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    assert get_policy_loss_fn("cppo") is policy_loss
+    from cppo.backends.verl.plugin import CPPOPolicyLossConfig
+
+    assert "method_file" in CPPOPolicyLossConfig.__dataclass_fields__
+
+
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
+)
+def test_restated_aggregation_equals_verls(mode):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    g = torch.Generator().manual_seed(0)
+    for dp in (1, 4):
+        loss = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        mask = torch.rand(5, 7, generator=g) < 0.7
+        mask[2] = False
+        info = {
+            "dp_size": dp,
+            "batch_num_tokens": 91,
+            "global_batch_size": 20,
+            "loss_scale_factor": 9,
+        }
+        if dp == 1:
+            info = {"dp_size": 1}
+        want = agg_loss(loss, mask, mode, **info)
+        got = verl_agg_loss(loss, mask, mode, **info)
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "megatron"])
+def test_generated_overrides_compose_into_verls_dataclasses(tmp_path, strategy):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    run = paper_run()
+    run["verl"]["strategy"] = strategy
+    if strategy == "megatron":
+        run["verl"].update(tensor_model_parallel_size=2, expert_model_parallel_size=8)
+    cfg = composed(run, tmp_path)
+    validate_config(
+        config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg)
+    )
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert type(actor.policy_loss).__name__ == "CPPOPolicyLossConfig"
+    assert actor.policy_loss.loss_mode == "cppo"
+    assert actor.policy_loss.method_file == str(tmp_path / "method.json")
+    assert actor.loss_agg_mode == "seq-mean-token-sum-norm" and actor.loss_scale_factor == 16384
+    assert actor.ppo_mini_batch_size == 32 and actor.ppo_epochs == 1
+    algo = omega_conf_to_dataclass(cfg.algorithm)
+    assert algo.rollout_correction["bypass_mode"] is True and algo.norm_adv_by_std_in_grpo is False
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    assert rollout.n == 16 and rollout.tensor_model_parallel_size == 4
+    assert OmegaConf.select(cfg, "trainer.nnodes") == 2
+
+
+def test_the_registered_loss_called_as_verl_calls_it_equals_the_rules(tmp_path):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    run = paper_run()
+    method = {**run["method"], "rule": "dppo", "divergence": "binary_tv", "delta": 0.05}
+    method.pop("dual_clip", None)
+    method.pop("eps_low", None)
+    method.pop("eps_high", None)
+    actor = omega_conf_to_dataclass(composed(run, tmp_path, method).actor_rollout_ref.actor)
+    g = torch.Generator().manual_seed(1)
+    B, T = 4, 6
+    old = -torch.rand(B, T, generator=g)
+    new = (old + 0.3 * torch.randn(B, T, generator=g)).requires_grad_(True)
+    adv = torch.randn(B, 1, generator=g).expand(B, T)
+    mask = torch.arange(T) < torch.tensor([[6], [3], [5], [1]])
+    actor.global_batch_info.update(
+        dp_size=2, batch_num_tokens=30, global_batch_size=8, loss_scale_factor=16384
+    )
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    loss, metrics = get_policy_loss_fn("cppo")(
+        old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+        loss_agg_mode=actor.loss_agg_mode, config=actor, rollout_is_weights=None,
+    )  # fmt: skip
+    want, want_metrics = rule_loss(
+        method, old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+        global_batch_info={"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8},
+    )  # fmt: skip
+    torch.testing.assert_close(loss, want)
+    assert metrics == want_metrics and "mask/fraction" in metrics
