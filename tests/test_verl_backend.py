@@ -467,3 +467,35 @@ def test_resource_check_sizes_the_verl_job():
         "methods.cppo", "methods.dppo", "methods.trm_avg", "methods.trm_max",
     ]  # fmt: skip
     assert math.isfinite(mem.peak)
+
+
+def test_export_takes_the_best_validated_and_the_last_checkpoint(tmp_path, monkeypatch):
+    from cppo.backends.verl import train
+
+    run = paper_run("grpo")
+    run.update(output_dir=str(tmp_path), snapshot_best_within=None)
+    for it in (10, 20, 30):
+        (tmp_path / "verl_checkpoints" / f"global_step_{it}" / "actor").mkdir(parents=True)
+    merged = []
+
+    def fake_merge(actor_dir, target, strategy):
+        merged.append((actor_dir.parent.name, target.name, strategy))
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_text(actor_dir.parent.name)
+
+    monkeypatch.setattr(train, "_merge", fake_merge)
+    records = [
+        {"kind": "validation", "step": 0, "val/mean": 0.1},
+        {"kind": "validation", "step": 80, "val/mean": 0.4},  # iteration 10 x 8 updates
+        {"kind": "validation", "step": 160, "val/mean": 0.3},
+        {"kind": "validation", "step": 240, "val/mean": 0.2},
+    ]
+    assert train.export_checkpoints(run, records) == [80, 240]
+    assert merged == [
+        ("global_step_10", "step-80", "fsdp"), ("global_step_30", "step-240", "fsdp"),
+    ]  # fmt: skip
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "global_step_30"
+    run["snapshot_best_within"] = 100  # T_stop: the best within the first 100 steps
+    records[1]["val/mean"] = 0.0
+    assert train.export_checkpoints(run, records) == [80, 240]  # step-80 exists: not merged again
+    assert len(merged) == 2

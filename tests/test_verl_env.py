@@ -138,3 +138,11 @@ def test_the_registered_loss_called_as_verl_calls_it_equals_the_rules(tmp_path):
     )  # fmt: skip
     torch.testing.assert_close(loss, want)
     assert metrics == want_metrics and "mask/fraction" in metrics
+
+
+def test_the_train_command_imports_without_trl():
+    import sys
+
+    from cppo.backends.verl import train
+
+    assert callable(train.main) and "trl" not in sys.modules

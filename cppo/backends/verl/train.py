@@ -12,8 +12,8 @@ and figures read it unchanged:
    (``trainer.resume_mode=auto``). Its file logger truncates its file at every start, so each
    attempt logs to its own file.
 4. metrics.jsonl is rebuilt from all attempts (``cppo.backends.verl.metrics``).
-5. verl's checkpoints of validated iterations become Hugging Face directories
-   ``snapshots/step-<step>`` and the last one ``final/`` (``python -m verl.model_merger``), then
+5. verl's checkpoints of the best validated iteration and of the last one become Hugging Face
+   directories ``snapshots/step-<step>`` and ``final/`` (``python -m verl.model_merger``), then
    DONE is written.
 
 ``--dry-run`` stops after step 2 and prints the overrides.
@@ -141,7 +141,7 @@ def _rule_keys(cfg: dict[str, Any]) -> list[str]:
     return get_rule(method.pop("rule")).metric_keys(method)
 
 
-def write_metrics(cfg: dict[str, Any], state: Path) -> int:
+def write_metrics(cfg: dict[str, Any], state: Path) -> list[dict[str, Any]]:
     files = sorted(
         state.glob("metrics-attempt-*.jsonl"), key=lambda p: int(p.stem.rsplit("-", 1)[1])
     )
@@ -155,29 +155,38 @@ def write_metrics(cfg: dict[str, Any], state: Path) -> int:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
-    return len(records)
+    return records
 
 
-def export_checkpoints(cfg: dict[str, Any], strategy: str) -> list[int]:
-    """verl's global_step_<it>/actor -> snapshots/step-<it x updates> (HF), the last -> final/."""
+def export_checkpoints(cfg: dict[str, Any], records: list[dict[str, Any]]) -> list[int]:
+    """verl's global_step_<it>/actor of the best validated step (within
+    snapshot_best_within) and of the last iteration -> snapshots/step-<it x updates> (Hugging
+    Face) and final/, as the project's trainer leaves them (snapshots: best). verl keeps every
+    full checkpoint it saved unless trainer.max_actor_ckpt_to_keep says otherwise; the best is
+    then taken among those kept."""
+    from cppo.pipeline.runs import best_validation
+
     run_dir = Path(cfg["output_dir"])
     upi = cfg["schedule"]["updates_per_iter"]
-    ckpts = sorted(
-        (int(d.name.rsplit("_", 1)[1]), d)
+    saved = {
+        int(d.name.rsplit("_", 1)[1]) * upi: d / "actor"
         for d in (run_dir / CHECKPOINTS).glob("global_step_*")
         if d.name.rsplit("_", 1)[1].isdigit()
-    )
-    exported = []
-    for it, d in ckpts:
-        target = run_dir / "snapshots" / f"step-{it * upi}"
+    }
+    if not saved:
+        return []
+    within = cfg["snapshot_best_within"] or max(saved)
+    kept = [r for r in records if r.get("kind") == "validation" and r["step"] in saved]
+    best = best_validation(kept, within)
+    exported = sorted({max(saved), *([best["step"]] if best else [])})
+    for step in exported:
+        target = run_dir / "snapshots" / f"step-{step}"
         if not target.exists():
-            _merge(d / "actor", target, strategy)
-        exported.append(it * upi)
-    if ckpts:
-        final = run_dir / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(run_dir / "snapshots" / f"step-{ckpts[-1][0] * upi}", final)
+            _merge(saved[step], target, cfg["verl"]["strategy"])
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(run_dir / "snapshots" / f"step-{max(saved)}", final)
     return exported
 
 
@@ -214,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     env["VERL_FILE_LOGGER_PATH"] = str(state / f"metrics-attempt-{attempt}.jsonl")
     start = time.monotonic()
     code = subprocess.call([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], env=env)
-    n = write_metrics(cfg, state)
-    print(f"metrics.jsonl: {n} records from {attempt} attempt(s)", file=sys.stderr)
+    records = write_metrics(cfg, state)
+    print(f"metrics.jsonl: {len(records)} records from {attempt} attempt(s)", file=sys.stderr)
     if code != 0:
         return code
-    steps = export_checkpoints(cfg, cfg["verl"]["strategy"])
+    steps = export_checkpoints(cfg, records)
     done = {
         "run_name": cfg["run_name"],
         "steps": cfg["schedule"]["iterations"] * cfg["schedule"]["updates_per_iter"],
