@@ -471,3 +471,15 @@ def test_a_method_preset_fixes_its_advantage_scaling(tmp_path):
     plan = Plan(raw)
     assert plan.resolver.run_config("toy-s-2up", "dr_grpo", 0)["rl"]["scale_rewards"] == "none"
     assert plan.resolver.run_config("toy-s-2up", "grpo", 0)["rl"]["scale_rewards"] == "group"
+
+
+def test_paper_config_takes_a_rule_beyond_the_paper_by_name():
+    raw = load_config(ROOT / "config" / "paper.yaml")
+    base = Plan(raw)
+    raw["run"]["methods"] = [*raw["run"]["methods"], "gspo", "m2po", "dr_grpo"]
+    plan = Plan(raw)
+    assert len(plan.matrix.runs) == len(base.matrix.runs) + 3 * 4
+    assert plan.resolver.rule_errors() == []
+    run = plan.resolver.run_config("Qwen3-8B-Base", "gspo", 0)
+    assert run["method"]["rule"] == "gspo" and run["method"]["eps_high"] == 4e-4
+    assert run["method"]["loss_agg_mode"] == "seq-mean-token-mean"
