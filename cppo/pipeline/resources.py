@@ -731,13 +731,13 @@ def check(plan: Plan, root: str | Path | None = None) -> Report:
 def verl_refusals(plan: Plan, model: str) -> list[str]:
     """The runs of a verl model whose rule reads a Top-K divergence: the verl train command
     refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
-    from cppo.rules import get_rule
+    from cppo.backends.verl.loss import topk_divergence_of
 
     out = []
     for method in plan.matrix.methods:
-        params = plan.resolver.method_params(model, method)
-        spec = get_rule(plan.cfg["methods"][method]["rule"]).divergence(params)
-        if spec is not None and spec["kind"].startswith("topk"):
+        rule = plan.cfg["methods"][method]["rule"]
+        spec = topk_divergence_of({"rule": rule, **plan.resolver.method_params(model, method)})
+        if spec is not None:
             out.append(
                 f"models.{model} / methods.{method}: {spec['kind']} is not wired into verl's "
                 "forward pass yet; its verl runs stop at start (README, 'verl backend')"

@@ -28,7 +28,7 @@ from torch import Tensor
 from cppo.divergence import compute_divergence
 from cppo.rules import RuleBatch, get_rule, metrics_to_floats
 
-__all__ = ["load_method", "policy_loss", "rule_loss", "verl_agg_loss"]
+__all__ = ["load_method", "policy_loss", "rule_loss", "topk_divergence_of", "verl_agg_loss"]
 
 Aggregate = Callable[..., Tensor]
 
@@ -76,6 +76,14 @@ def verl_agg_loss(
     return loss
 
 
+def topk_divergence_of(method: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The divergence a method block (run.yaml's ``method``) asks for when it is a Top-K one,
+    which this backend cannot compute yet (README, "verl backend"); None otherwise."""
+    cfg = dict(method)
+    spec = get_rule(cfg.pop("rule")).divergence(cfg)
+    return spec if spec is not None and spec["kind"].startswith("topk") else None
+
+
 def rule_loss(
     method: Mapping[str, Any],
     *,
@@ -103,7 +111,7 @@ def rule_loss(
     adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights.detach()
     spec = rule.divergence(cfg)
     if spec is not None and divergence is None:
-        if spec["kind"].startswith("topk"):
+        if topk_divergence_of(method) is not None:
             raise ValueError(
                 f"rule {rule.name!r} reads {spec['kind']} (K={spec['topk']}): on verl the Top-K "
                 "divergence needs pi's log-probs at mu's top-K ids inside the engine's forward "

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cppo.backends.verl.loss import topk_divergence_of
 from cppo.backends.verl.metrics import convert, read_verl_log
 from cppo.backends.verl.overrides import PLUGIN_MODULES, VerlSetupError, hydra_overrides
 from cppo.training.runconfig import load_run_config
@@ -43,14 +44,11 @@ CHECKPOINTS = "verl_checkpoints"
 
 def refusals(cfg: dict[str, Any]) -> list[str]:
     """What in run.yaml verl cannot run as asked, one message per key."""
-    from cppo.rules import get_rule
-
     out = []
     if cfg["backend"] != "verl":
         out.append(f"backend: {cfg['backend']!r}; this command runs backend verl")
-    method = dict(cfg["method"])
-    spec = get_rule(method.pop("rule")).divergence(method)
-    if spec is not None and spec["kind"].startswith("topk"):
+    spec = topk_divergence_of(cfg["method"])
+    if spec is not None:
         out.append(
             f"method.divergence: {spec['kind']} needs pi's log-probs at mu's top-K ids inside "
             "verl's forward pass, which this backend does not wire yet; use a sampled-token "
