@@ -76,7 +76,7 @@ def make_inputs(B: int, T: int, seed: int = 0) -> dict:
 
 def cases(x: dict) -> dict[str, Callable[[], object]]:
     m, D, lr, A = x["mask"], x["D"], x["lr"], x["A"]
-    batch = RuleBatch(x["logp"], x["logp_mu"], A, m, divergence=D, kl=D * 0.01, seed=1)
+    batch = RuleBatch(x["logp"], x["logp_mu"], A, m, divergence=D, seed=1)
     kw = dict(delta=DELTA, delta_b=DELTA_B, w_min=W_MIN)
     tk = (
         x["logp"].detach(),
@@ -89,14 +89,14 @@ def cases(x: dict) -> dict[str, Callable[[], object]]:
     )
 
     def rule(name: str, cfg: dict | None = None):
-        r = get_rule(name)
-        return lambda: r(batch, cfg or {})
+        r = get_rule(name).bind(cfg)  # the config resolved once, as the trainer does
+        return lambda: r(batch)
 
     def rule_and_backward(name: str):
-        r = get_rule(name)
+        r = get_rule(name).bind()
 
         def f():
-            out = r(batch, {})
+            out = r(batch)
             loss = aggregate_loss(out.per_token_loss, m)
             torch.autograd.grad(loss, batch.logp)
 

@@ -52,15 +52,15 @@ def run_variant(variant: str, vocab: int, work: Path, seed: int, completion: int
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
+    from cppo.run.config import validate_run_config
     from cppo.training.config import grpo_config_from_run
     from cppo.training.data import build_train_dataset
     from cppo.training.lmhead import HeadCapture
-    from cppo.training.runconfig import validate_run_config
-    from cppo.training.tiny import save_tiny, write_train_jsonl
+    from evaluation.testing import make_tiny_model, write_train_jsonl
 
     model_dir = work / "model"
     if not model_dir.exists():
-        save_tiny(model_dir, vocab_size=vocab, hidden_size=64, num_hidden_layers=2, seed=0)
+        make_tiny_model(model_dir, vocab_size=vocab, hidden_size=64, num_hidden_layers=2, seed=0)
     data = write_train_jsonl(work / "train.jsonl", 64)
     method = {"rule": "cppo" if variant == "cppo" else "grpo"}
     cfg = validate_run_config(

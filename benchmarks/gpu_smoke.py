@@ -49,10 +49,10 @@ def line(check: str, status: str, **numbers: Any) -> str:
 
 def build_model(args: argparse.Namespace, out: Path) -> Path:
     """A tiny Qwen3 with Qwen3's vocabulary, its LM head rescaled to logit std `logit_std`."""
-    from cppo.training.tiny import build_tiny_model, build_tiny_tokenizer
+    from evaluation.testing import make_char_tokenizer, tiny_model_for
 
-    tok = build_tiny_tokenizer(args.vocab_size)
-    model = build_tiny_model(
+    tok = make_char_tokenizer(args.vocab_size)
+    model = tiny_model_for(
         tok,
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -143,10 +143,10 @@ def noise_floor(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 def train_step(model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainerCallback
 
-    from cppo.training.diagnostics import read_metrics
+    from cppo.run.config import validate_run_config
+    from cppo.run.metrics import read_metrics
     from cppo.training.run import run_training
-    from cppo.training.runconfig import validate_run_config
-    from cppo.training.tiny import write_train_jsonl
+    from evaluation.testing import write_train_jsonl
 
     cuda = args.device.startswith("cuda")
     peaks: list[float] = []
@@ -185,7 +185,7 @@ def train_step(model_dir: Path, work: Path, args: argparse.Namespace) -> dict[st
     )
     started = time.perf_counter()
     run_training(cfg, callbacks=[PeakMemory()], progress=False)
-    records = [r for r in read_metrics(work / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    records = read_metrics(work / "run" / "metrics.jsonl").train
     bad = [
         (r["step"], k)
         for r in records

@@ -63,7 +63,7 @@ def main() -> int:
     from transformers import Trainer
     from trl import GRPOTrainer
 
-    from cppo.training.runconfig import load_run_config
+    from cppo.run.config import load_run_config
     from cppo.training.trainer import CPPOTrainer
     from cppo.training.validation_callback import InLoopValidation
 

@@ -1,5 +1,5 @@
 """JSON-schema checking and defaults shared by the project's YAML files (the pipeline config,
-cppo/pipeline/schema.yaml, and run.yaml, cppo/training/run_schema.yaml).
+cppo/pipeline/schema.yaml, and run.yaml, cppo/run/schema.yaml).
 
 One validator (JSON Schema 2020-12) and one error formatter: every message starts with the dotted
 key path and names the closest valid key for a typo, e.g.

@@ -47,6 +47,7 @@ from torch import Tensor
 __all__ = [
     "LOG_PROB_FLOOR",
     "DIVERGENCE_KINDS",
+    "TOPK_KINDS",
     "SAMPLED_TOKEN_MODES",
     "binary_tv",
     "binary_kl",
@@ -57,11 +58,14 @@ __all__ = [
     "full_tv",
     "full_kl",
     "compute_divergence",
+    "is_topk",
 ]
 
 # pi's log-probability floor inside KL terms: exp(-50) ~ 2e-22, representable in fp32.
 LOG_PROB_FLOOR = -50.0
 DIVERGENCE_KINDS = ("binary_tv", "binary_kl", "topk_tv", "topk_kl", "k3", "abs_log_ratio")
+# the kinds that need mu's top-K ids and log-probs (recorded at rollout) and pi's at those ids
+TOPK_KINDS = ("topk_tv", "topk_kl")
 SAMPLED_TOKEN_MODES = ("extra", "replace")
 _LN2 = math.log(2.0)
 
@@ -405,6 +409,11 @@ _SAMPLED: dict[str, Callable[..., Tensor]] = {
     "abs_log_ratio": abs_log_ratio,
 }
 _TOPK: dict[str, Callable[..., Tensor]] = {"topk_tv": topk_tv, "topk_kl": topk_kl}
+
+
+def is_topk(kind: str) -> bool:
+    """Whether divergence ``kind`` needs the top-K log-probs of both policies."""
+    return kind in TOPK_KINDS
 
 
 def compute_divergence(

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from cppo.training.runconfig import RunConfigError, load_run_config, schema_table
+from cppo.run.config import RunConfigError, load_run_config, schema_table
 
 
 def main(argv: list[str] | None = None) -> int:

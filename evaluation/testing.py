@@ -1,6 +1,7 @@
-"""Test helpers: a tiny random Qwen3 model with a character-level tokenizer and a chat template
-(smoke tests of backends, lm-eval tasks and the trainer with no download; its outputs are noise),
-and a set of hostile completions that have hung or crashed math graders.
+"""Test and benchmark helpers: a tiny random Qwen3 model with a character-level tokenizer and a
+chat template (smoke tests of backends, lm-eval tasks and the trainer with no download; its
+outputs are noise), DAPO-schema training rows for it, and a set of hostile completions that have
+hung or crashed math graders.
 
 The tokenizer and model come from the one builder, evaluation.tiny (which also builds the toy
 pipeline's); this module fixes the test size and the test chat template.
@@ -8,6 +9,7 @@ pipeline's); this module fixes the test size and the test chat template.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,23 @@ def make_char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFas
     )
 
 
+def tiny_model_for(
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    tie_word_embeddings: bool = True,
+    vocab_size: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised Qwen3 at the unit-test size for `tokenizer` (`vocab_size` pads
+    the embedding, e.g. to Qwen3's 151,936, to measure vocabulary-bound costs)."""
+    from evaluation.tiny import build_model
+
+    preset = tiny_preset(hidden_size, num_hidden_layers, tie_word_embeddings)
+    return build_model(preset, tokenizer, seed=seed, vocab_size=vocab_size)
+
+
 def make_tiny_model(
     out_dir: str | Path | None = None,
     *,
@@ -72,6 +91,28 @@ def make_tiny_model(
     if out_dir is not None:
         save_pretrained_dir(model, tokenizer, out_dir)
     return model, tokenizer
+
+
+def write_train_jsonl(path: str | Path, n: int, *, start: int = 0, template: bool = False) -> Path:
+    """n DAPO-schema training rows with trivial addition problems (gold = i + 1).
+
+    template=True wraps each problem in the DAPO prompt template (~200 more characters).
+    """
+    from evaluation.dapo import format_prompt
+
+    path = Path(path)
+    with open(path, "w") as fh:
+        for i in range(start, start + n):
+            content = format_prompt(f"{i}+1=?") if template else f"{i}+1=?"
+            row = {
+                "data_source": "tiny",
+                "prompt": [{"role": "user", "content": content}],
+                "ability": "MATH",
+                "reward_model": {"ground_truth": str(i + 1), "style": "rule"},
+                "extra_info": {"index": str(i)},
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
 
 
 def hostile_completions() -> list[tuple[str, str, str]]:

@@ -29,9 +29,17 @@ RULE_EXTRA_KEYS = {
     "none": {"outward/fraction"},
     "gspo": {"outward/fraction", "gspo/seq_ratio_abs_dev_mean"},
     "gmpo": {"outward/fraction", "gmpo/seq_ratio_abs_dev_mean"},
-    "sapo": {"outward/fraction", "sapo/gate_mean", "sapo/gate_outward_mean"},
-    "tis": {"outward/fraction", "tis/capped_fraction", "tis/weight_mean"},
+    "sapo": {"outward/fraction", "sapo/gate_mean", "sapo/gate_outward_mean", "sapo/damping_mean"},
     "icepop": {"outward/fraction", "icepop/below_fraction", "icepop/above_fraction"},
     "opsm": {"outward/fraction", "opsm/masked_fraction"},
     "m2po": {"outward/fraction", "m2po/m2_before", "m2po/m2_after"},
 }
+
+
+def metrics_records(path) -> list[dict]:
+    """Every record of a metrics.jsonl in file order, duplicates included (the file as written;
+    cppo.run.metrics.read_metrics is the reader that keeps the last record of a step)."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

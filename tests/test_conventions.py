@@ -278,7 +278,7 @@ def test_schema_enums_are_the_code_lists():
     assert set(defs["divergence"]["properties"]["kind"]["enum"]) == set(DIVERGENCE_KINDS)
     training = defs["training"]["properties"]
     assert tuple(training["loss_agg_mode"]["enum"]) == AGGREGATION_MODES
-    from cppo.training.runconfig import SCHEMA
+    from cppo.run.config import SCHEMA
 
     run_scale = SCHEMA["properties"]["rl"]["properties"]["scale_rewards"]["enum"]
     assert run_scale == training["scale_rewards"]["enum"]

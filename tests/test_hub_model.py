@@ -20,10 +20,11 @@ from huggingface_hub import constants
 from transformers import TrainerCallback
 
 from cppo import hub
-from cppo.pipeline import jobs, runs
+from cppo.pipeline import jobs
+from cppo.run import directory as runs
+from cppo.run.config import RunConfigError, validate_run_config
 from cppo.training.run import run_training
-from cppo.training.runconfig import RunConfigError, validate_run_config
-from cppo.training.tiny import save_tiny, write_train_jsonl
+from evaluation.testing import make_tiny_model, write_train_jsonl
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,8 @@ OTHER = "fedcba9876543210fedcba9876543210fedcba98"
 def make_cache(root):
     """An HF hub cache holding HUB_ID at COMMIT (also the cached `main`)."""
     repo = root / "hub" / "models--tiny-org--tiny-model"
-    snapshot = save_tiny(repo / "snapshots" / COMMIT, hidden_size=32, num_hidden_layers=2)
+    snapshot = repo / "snapshots" / COMMIT
+    make_tiny_model(snapshot, hidden_size=32, num_hidden_layers=2)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return root / "hub", snapshot
@@ -93,7 +95,8 @@ def test_download_when_missing_and_online(cache, monkeypatch):
 
 
 def test_local_directory_with_a_revision_is_an_error(tmp_path):
-    model = save_tiny(tmp_path / "m", hidden_size=32, num_hidden_layers=2)
+    model = tmp_path / "m"
+    make_tiny_model(model, hidden_size=32, num_hidden_layers=2)
     assert hub.resolve_model(str(model), None).path == model
     with pytest.raises(ValueError, match="'model_revision'.*local directory"):
         hub.resolve_model(str(model), COMMIT)

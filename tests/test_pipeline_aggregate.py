@@ -11,9 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cppo.pipeline import aggregate, figures, report, runs, stats, tables
+from cppo.pipeline import aggregate, figures, report, stats, tables
 from cppo.pipeline.layout import expand_runs
 from cppo.pipeline.plan import Plan
+from cppo.run import directory
+from cppo.run import metrics as run_metrics
 
 K = 4
 N_VAL, N_TEST = 5, 3
@@ -231,14 +233,14 @@ def test_bold_only_when_intervals_do_not_overlap():
 def test_validation_collapse_rule():
     recs = [{"step": s, "val/mean": v} for s, v in [(0, 0.4), (5, 0.3), (10, 0.19), (15, 0.25)]]
     # below 0.5 x 0.4 = 0.2 once (step 10), then back above: no collapse with 2 in a row
-    assert runs.validation_collapse_step(recs, 0.5, 2) is None
-    assert runs.validation_collapse_step(recs, 0.5, 1) == 10
+    assert aggregate.validation_collapse_step(recs, 0.5, 2) is None
+    assert aggregate.validation_collapse_step(recs, 0.5, 1) == 10
     recs += [{"step": 20, "val/mean": 0.1}, {"step": 25, "val/mean": None}]
     # 0.1 and a missing value (counts as below) at steps 20, 25: collapse from step 20
-    assert runs.validation_collapse_step(recs, 0.5, 2) == 20
-    assert runs.validation_collapse_step(recs, 0.8, 2) == 5  # below 0.32 from step 5 on
-    assert runs.validation_collapse_step(recs, None, 2) is None
-    assert runs.validation_collapse_step(recs[1:], 0.5, 2) is None  # no step-0 reference
+    assert aggregate.validation_collapse_step(recs, 0.5, 2) == 20
+    assert aggregate.validation_collapse_step(recs, 0.8, 2) == 5  # below 0.32 from step 5 on
+    assert aggregate.validation_collapse_step(recs, None, 2) is None
+    assert aggregate.validation_collapse_step(recs[1:], 0.5, 2) is None  # no step-0 reference
 
 
 def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
@@ -414,12 +416,12 @@ def test_read_metrics_resume_and_torn_lines(tmp_path):
         '{"kind": "train", "step": 2, "x": 20}\n{"kind": "validation", "step": 2, "val/mean": 0.5}\n'
         '{"kind": "train", "st'
     )
-    m = runs.read_metrics(path)
+    m = run_metrics.read_metrics(path)
     assert [r["x"] for r in m.train] == [1, 20] and m.last_step == 2
     assert m.validation[0]["val/mean"] == 0.5
     path.write_text('{"kind": "train", "step": 1}\nnot json\n{"kind": "train", "step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
-        runs.read_metrics(path)
+        run_metrics.read_metrics(path)
 
 
 def test_collapse_needs_a_persistent_break():
@@ -430,20 +432,20 @@ def test_collapse_needs_a_persistent_break():
         {"step": 4, "g": float("nan")},
         {"step": 5, "g": None},
     ]
-    assert runs.collapse_step(recs, ["g"]) == 4
-    assert runs.collapse_step(recs[:4] + [{"step": 5, "g": 2.0}], ["g"]) is None
-    assert runs.collapse_step(recs, ["missing"]) is None
+    assert aggregate.collapse_step(recs, ["g"]) == 4
+    assert aggregate.collapse_step(recs[:4] + [{"step": 5, "g": 2.0}], ["g"]) is None
+    assert aggregate.collapse_step(recs, ["missing"]) is None
 
 
 def test_select_checkpoints(tmp_path):
     run = tmp_path / "run"
     write_run(run, {0: (0.1, 0.1), 2: (0.5, 0.5), 4: (0.2, 0.2), 8: (0.9, 0.9)}, train_recs())
-    sel = runs.select_checkpoints(run, 6, "init-model")
+    sel = directory.select_checkpoints(run, 6, "init-model")
     assert sel["best"] == {"step": 2, "val_mean": 0.5, "path": str(run / "checkpoint-2")}
     assert sel["final"] == {"step": 8, "path": str(run / "final")}
     # best at step 0 -> the initial model (with its hub revision)
     write_run(run, {0: (0.9, 0.9), 2: (0.5, 0.5)}, train_recs())
-    sel = runs.select_checkpoints(run, 6, "Qwen/X", "a" * 40)
+    sel = directory.select_checkpoints(run, 6, "Qwen/X", "a" * 40)
     assert sel["best"] == {"step": 0, "val_mean": 0.9, "path": "Qwen/X", "revision": "a" * 40}
     # a best step without a saved checkpoint is an error naming what exists
     write_run(run / ".." / "run2", {0: (0.1, 0.1), 2: (0.5, 0.5)}, train_recs(), checkpoints=(4,))
@@ -451,10 +453,10 @@ def test_select_checkpoints(tmp_path):
         FileNotFoundError,
         match=r"step 2 has no snapshots/step-2/ or checkpoint-2/ \(saved: \[4\]\)",
     ):
-        runs.select_checkpoints(tmp_path / "run2", 6, "init")
+        directory.select_checkpoints(tmp_path / "run2", 6, "init")
     write_run(tmp_path / "run3", {2: (0.5, 0.5)}, train_recs(), final=False)
     with pytest.raises(FileNotFoundError, match="final"):
-        runs.select_checkpoints(tmp_path / "run3", 6, "init")
+        directory.select_checkpoints(tmp_path / "run3", 6, "init")
 
 
 def test_evaluate_run_evaluates_each_step_once(tmp_path):
@@ -553,12 +555,18 @@ def test_stability_and_binding_values_by_hand():
         {"step": 2, "mask/fraction": 0.02, "mask/prefix_fraction": 0.01, "ratio/abs_dev_mean": 0.1},
         {"step": 3, "mask/fraction": 0.04, "mask/prefix_fraction": 0.0, "ratio/abs_dev_mean": 0.2},
     ]
-    got = aggregate.binding_values(train)
-    # masked: mean of 0, 2, 4 %; prefix share: 1 % of 6 % masked; |rho - 1|: mean 0.1
-    assert got == pytest.approx({"masked": 2.0, "prefix_share": 100 / 6, "abs_dev": 0.1})
-    got = aggregate.binding_values([{"step": 1, "cispo/capped_fraction": 0.5}])
-    assert got == {"capped": 50.0}
-    got = aggregate.binding_values([{"step": 1, "ratio/capped_fraction": 0.01}])
+    got = aggregate.binding_values(train, "mask/fraction")
+    # masked: mean of 0, 2, 4 %, also the rule's own measure; prefix share: 1 % of 6 % masked;
+    # |rho - 1|: mean 0.1
+    want = {"binds": 2.0, "masked": 2.0, "prefix_share": 100 / 6, "abs_dev": 0.1}
+    assert got == pytest.approx(want)
+    # a rule that declares another measure: CISPO's capped share (TIS is CISPO at C = 2)
+    train = [{"step": 1, "cispo/capped_fraction": 0.5, "mask/fraction": 0.0},
+             {"step": 2, "cispo/capped_fraction": 0.25, "mask/fraction": 0.0}]  # fmt: skip
+    got = aggregate.binding_values(train, "cispo/capped_fraction")
+    assert got == {"binds": 37.5, "masked": 0.0}
+    assert aggregate.binding_values(train, None) == {"masked": 0.0}  # the `none` control
+    got = aggregate.binding_values([{"step": 1, "ratio/capped_fraction": 0.01}], None)
     assert got == {"capped": 1.0}
     # a broken last validation counts as 0 in final, last2 and net
     val = [

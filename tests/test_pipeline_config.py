@@ -208,11 +208,12 @@ def test_run_config_resolution():
         "delta_b": 0.02,
         "adaptive_delta_b": True,
         "w_min": 0.8,
-        "divergence": "topk_tv",
-        "topk": 20,
     }
     assert cfg["rl"] == {"scale_rewards": "none"}
-    # the rule owns its divergence (method above): no run-level copy to keep in step
+    # the rule owns its divergence: its default (Top-K TV, K = 20), stated nowhere else, and
+    # no run-level copy to keep in step
+    bound = plan.resolver.bound_rule("toy-s-2up", "cppo")
+    assert bound.divergence == {"kind": "topk_tv", "topk": 20, "sampled_token": "extra"}
     assert "divergence" not in cfg
     # iterations -> optimizer steps: validation every 5 iterations x 2 (or 8) updates
     assert cfg["validation"]["every"] == 10 and cfg["save_every"] == 10
@@ -224,7 +225,8 @@ def test_run_config_resolution():
     assert cfg["schedule"]["iterations"] == raw["models"]["toy-s-2up"]["schedule"]["iterations"]
     assert cfg["threads"] == 1
     trm = plan.resolver.run_config("toy-s-2up", "trm_max", 0)
-    assert trm["method"]["divergence"] == "topk_kl" and "divergence" not in trm
+    assert "divergence" not in trm and "divergence" not in trm["method"]
+    assert plan.resolver.bound_rule("toy-s-2up", "trm_max").divergence["kind"] == "topk_kl"
     # grpo and none read none: run-level divergence is the diagnostic one the trainer logs
     for method in ("grpo", "none"):
         run = plan.resolver.run_config("toy-s-2up", method, 0)
@@ -246,7 +248,7 @@ def test_run_yaml_is_the_dict_dumped_in_key_order(tmp_path):
 
 
 def test_run_config_is_accepted_by_the_trainer():
-    runconfig = pytest.importorskip("cppo.training.runconfig")
+    runconfig = pytest.importorskip("cppo.run.config")
     for name in CONFIGS:
         plan = Plan(load_config(ROOT / "config" / f"{name}.yaml"))
         for run in plan.matrix.runs:
@@ -354,10 +356,10 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
         "loss_agg_mode": "seq-mean-token-sum-norm",
         "horizon": 128,
     }
-    assert plan.commands.train_command("plug") == (
-        "python -m cppo.pipeline.launch --import plugin_rule_cfg -- cppo.train"
-    )
-    assert plan.commands.train_command("grpo") == "python -m cppo.train"
+    # the train command imports the module itself, from run.yaml's `imports`
+    assert plan.resolver.run_config("toy-s-2up", "plug", 0)["imports"] == ["plugin_rule_cfg"]
+    assert "imports" not in plan.resolver.run_config("toy-s-2up", "grpo", 0)
+    assert plan.commands.train_command("toy-s-2up") == "python -m cppo.train"
     cfg["methods"]["plug"]["module"] = "no_such_module_here"
     assert any("methods.plug.module" in e for e in errors_of(cfg))
 

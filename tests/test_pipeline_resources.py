@@ -16,7 +16,7 @@ from cppo.pipeline import resources
 from cppo.pipeline.__main__ import main
 from cppo.pipeline.config import ConfigError, load_config
 from cppo.pipeline.plan import Plan
-from cppo.pipeline.resources import GIB, Architecture, Throughput, TrainingJob
+from cppo.pipeline.resources import GIB, Architecture, Throughput, TrainingJob, cost_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # every shipped config, as it is given on the command line (toy-sweep is an overlay of toy)
@@ -273,9 +273,9 @@ def test_refusals_name_the_model_and_the_numbers():
 
 def test_cost_by_hand(monkeypatch):
     monkeypatch.setitem(resources.THROUGHPUT, "Qwen3-1.7B", Throughput(100, 50, 2))
-    monkeypatch.setattr(resources, "MEAN_RESPONSE_FRACTION", 0.4)
-    monkeypatch.setattr(resources, "MEAN_PROMPT_TOKENS", 3)
-    monkeypatch.setattr(resources, "VALIDATION_PROBLEMS", 30)
+    monkeypatch.setattr(cost_model, "MEAN_RESPONSE_FRACTION", 0.4)
+    monkeypatch.setattr(cost_model, "MEAN_PROMPT_TOKENS", 3)
+    monkeypatch.setattr(cost_model, "VALIDATION_PROBLEMS", 30)
     c = resources.cost(tiny_job())
     # 4 prompts x 2 samples x 0.4 x 5 tokens = 16 response tokens; + 8 x 3 prompt tokens
     assert c.response_tokens == pytest.approx(16)
@@ -372,7 +372,7 @@ def test_paper_settings_and_their_estimate():
     # the longest run needs the most 48 h jobs; the train rule retries that often, plus a spare
     attempts = max(r.cost.attempts for r in report.rows)
     assert attempts == big.cost.attempts > 1
-    assert report.train_retries() == attempts - 1 + resources.SPARE_ATTEMPTS
+    assert report.train_retries() == attempts - 1 + cost_model.SPARE_ATTEMPTS
     text = resources.format_report(report)
     assert "Per-GPU memory of one training job" in text and "ASSUMED throughput" in text
     assert all(m in text for m in plan.matrix.models) and "REFUSED" not in text
@@ -502,11 +502,11 @@ def test_snakemake_resources():
 
 def test_train_commands():
     plan = Plan(trl_30b(paper()))
-    assert plan.commands.train_command("cppo", "Qwen3-8B-Base") == (
+    assert plan.commands.train_command("Qwen3-8B-Base") == (
         "accelerate launch --num_processes 8 --config_file config/accelerate/zero3.yaml -m "
         "cppo.train"
     )
-    cmd = plan.commands.train_command("cppo", QWEN30B)
+    cmd = plan.commands.train_command(QWEN30B)
     assert cmd.startswith(
         "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --gpus-per-node=8 "
         "--kill-on-bad-exit=1 bash -c 'exec accelerate launch --num_processes 16 "
@@ -514,7 +514,7 @@ def test_train_commands():
     )
     assert cmd.endswith(' -m cppo.train "$@"\' cppo-train')
     toy = Plan(load_config(ROOT / "config" / "toy.yaml"))
-    assert toy.commands.train_command("cppo", "toy-s-2up") == "python -m cppo.train"
+    assert toy.commands.train_command("toy-s-2up") == "python -m cppo.train"
 
 
 def _stub(path: Path, body: str) -> None:
@@ -536,7 +536,7 @@ def test_multi_node_command_runs_one_launch_per_node(tmp_path):
     hostnames = ['test "$*" = "show hostnames gpu-[07-08]" || exit 2', "echo gpu-07; echo gpu-08"]
     _stub(bin_dir / "scontrol", "\n".join(hostnames) + "\n")
     _stub(bin_dir / "accelerate", f'echo "$*" >> {tmp_path}/launches\n')
-    cmd = Plan(trl_30b(paper())).commands.train_command("cppo", QWEN30B)
+    cmd = Plan(trl_30b(paper())).commands.train_command(QWEN30B)
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",

@@ -35,7 +35,7 @@ def make_batch(seed: int, *, B=5, T=24, spread=0.4, adv_per_token=False, garbage
         logp = logp.masked_fill(~mask, float("nan"))
         D = D.masked_fill(~mask, float("nan"))
     logp.requires_grad_(True)
-    return RuleBatch(logp, logp_mu, A, mask, divergence=D, kl=D)
+    return RuleBatch(logp, logp_mu, A, mask, divergence=D)
 
 
 def grad_of(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -238,20 +238,10 @@ def test_trm_hand_computed_and_normaliser():
     assert bool(out.keep[inward].all())
 
 
-def test_trm_uses_kl_slot_when_divergence_missing():
-    batch = make_batch(0)
-    b2 = RuleBatch(
-        batch.logp, batch.logp_mu, batch.advantages, batch.mask, divergence=None, kl=batch.kl
-    )
-    a = get_rule("trm_max")(batch, {"delta": 0.25})
-    b = get_rule("trm_max")(b2, {"delta": 0.25})
-    assert torch.equal(a.keep, b.keep)
-
-
 def test_trm_defaults():
     assert get_rule("trm_max").defaults()["delta"] == 0.05
     assert get_rule("trm_avg").defaults()["delta_avg"] == 0.001
-    assert get_rule("trm_max").divergence() == {
+    assert get_rule("trm_max").bind().divergence == {
         "kind": "topk_kl",
         "topk": 20,
         "sampled_token": "extra",

@@ -36,7 +36,6 @@ CONFIGS = {
     "gspo": [{}, {"eps_low": 0.05, "eps_high": 0.05}],
     "gmpo": [{}, {"eps_low": 0.05, "eps_high": 0.1}],
     "sapo": [{}],
-    "tis": [{}, {"cap": 1.05}],
     "icepop": [{}, {"low": 0.9, "high": 1.1}],
     "opsm": [{}, {"threshold": 0.01}],
     "m2po": [{}, {"tau": 0.001, "scope": "outward"}],
@@ -49,7 +48,7 @@ APPROX_KEYS = {
     "gmpo/seq_ratio_abs_dev_mean",
     "sapo/gate_mean",
     "sapo/gate_outward_mean",
-    "tis/weight_mean",
+    "sapo/damping_mean",
     "m2po/m2_before",
     "m2po/m2_after",
 }
@@ -143,7 +142,7 @@ def expected_metrics(name: str, cfg: dict, batch: RuleBatch, out) -> dict[str, f
             sum(not lo <= rawl[b][t] <= hi for b, t in real), n, lm.dtype
         )
     if name.startswith("trm"):
-        kl = batch.divergence_2d(kl_fallback=True).double().tolist()
+        kl = batch.divergence_2d().double().tolist()
         rows = [b for b in range(mask.shape[0]) if mask[b].any()]
         scores = []
         for b in rows:
@@ -225,9 +224,7 @@ def extended_metrics(name, c, mask, real, n, lrl, rl, al, keep, outward, dt) -> 
             gate[b, t] = 4.0 * sig * (1.0 - sig)
         e["sapo/gate_mean"] = _mean(list(gate.values()))
         e["sapo/gate_outward_mean"] = _mean([g for bt, g in gate.items() if outward[bt]])
-    if name == "tis":
-        e["tis/capped_fraction"] = share(sum(rl[b][t] > c["cap"] for b, t in real), n, dt)
-        e["tis/weight_mean"] = _mean([min(rl[b][t], c["cap"]) for b, t in real])
+        e["sapo/damping_mean"] = _mean([1.0 - g for g in gate.values()])
     if name == "icepop":
         e["icepop/below_fraction"] = share(sum(rl[b][t] < c["low"] for b, t in real), n, dt)
         e["icepop/above_fraction"] = share(sum(rl[b][t] > c["high"] for b, t in real), n, dt)

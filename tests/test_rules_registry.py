@@ -17,7 +17,6 @@ from cppo.rules import (
     get_rule,
     register_rule,
     resolve_config,
-    rule_divergence,
 )
 
 PAPER_RULES = {"grpo", "cispo", "dppo", "cppo", "trm_max", "trm_avg", "minpro"}
@@ -40,7 +39,7 @@ def random_batch(seed: int, dtype=torch.float32) -> RuleBatch:
     logp = (logp_mu + torch.randn(B, T, generator=g).to(dtype) * 0.3).requires_grad_(True)
     D = (torch.rand(B, T, generator=g) * 0.3).to(dtype)
     A = torch.randn(B, generator=g).to(dtype)
-    return RuleBatch(logp, logp_mu, A, mask, divergence=D, kl=D * 0.01, seed=seed)
+    return RuleBatch(logp, logp_mu, A, mask, divergence=D, seed=seed)
 
 
 def test_all_paper_rules_are_registered():
@@ -112,23 +111,46 @@ def test_resolve_fills_defaults_and_accepts_rule_key():
     assert isinstance(resolve_config("dppo", {"delta": 1})["delta"], float)
 
 
-def test_rule_divergence_declares_what_to_compute():
-    assert rule_divergence("cppo") == {"kind": "topk_tv", "topk": 20, "sampled_token": "extra"}
-    assert rule_divergence("dppo", {"divergence": "binary_tv"})["kind"] == "binary_tv"
+def test_a_bound_rule_declares_what_to_compute():
+    cppo = get_rule("cppo").bind()
+    assert cppo.divergence == {"kind": "topk_tv", "topk": 20, "sampled_token": "extra"}
+    assert cppo.needs_topk and not cppo.draws_random
+    assert get_rule("cppo").bind({"shuffle_weights": True}).draws_random
+    dppo = get_rule("dppo").bind({"divergence": "binary_tv"})
+    assert dppo.divergence["kind"] == "binary_tv" and not dppo.needs_topk
+    assert get_rule("trm_avg").bind({"divergence": "k3"}).divergence["kind"] == "k3"
     for name in ("grpo", "cispo", "minpro"):
-        assert rule_divergence(name) is None
+        rule = get_rule(name).bind()
+        assert rule.divergence is None and not rule.needs_topk
+
+
+def test_bind_resolves_once_and_the_bound_rule_equals_the_rule():
+    batch = random_batch(3)
+    bound = get_rule("grpo").bind({"eps_high": 0.3})
+    assert bound.cfg["eps_high"] == 0.3 and bound.cfg["eps_low"] == 0.2
+    with pytest.raises(TypeError):
+        bound.cfg["eps_high"] = 0.5  # read-only: one resolution serves every batch
+    a, b = bound(batch), get_rule("grpo")(batch, {"eps_high": 0.3})
+    assert torch.equal(a.per_token_loss, b.per_token_loss) and torch.equal(a.keep, b.keep)
+    with pytest.raises(RuleConfigError, match="'eps_hihg'"):
+        get_rule("grpo").bind({"eps_hihg": 0.3})
+
+
+def test_each_rule_declares_its_binding_metric_and_reports_it():
+    for name in available_rules():
+        rule = get_rule(name).bind()
+        if rule.binding is None:
+            assert name == "none"
+            continue
+        assert rule.binding in rule.metric_keys(), name
 
 
 def test_missing_divergence_is_a_clear_error():
     b = random_batch(0)
     b = RuleBatch(b.logp, b.logp_mu, b.advantages, b.mask)
-    with pytest.raises(ValueError, match="needs batch.divergence"):
-        get_rule("dppo")(b, {})
-    # only TRM may read the kl slot instead
-    b = RuleBatch(b.logp, b.logp_mu, b.advantages, b.mask, kl=torch.zeros_like(b.logp_mu))
-    with pytest.raises(ValueError, match="needs batch.divergence"):
-        get_rule("cppo")(b, {})
-    assert get_rule("trm_avg")(b, {}).metrics["trm/reject_fraction"] == 0.0
+    for name in ("dppo", "cppo", "trm_max"):
+        with pytest.raises(ValueError, match="needs batch.divergence"):
+            get_rule(name)(b, {})
 
 
 def test_rule_batch_validates_shapes():
@@ -199,8 +221,8 @@ def test_aggregation_ignores_nan_padding_and_empty_batches():
 def test_metric_keys_lists_what_each_rule_reports():
     from conftest import RULE_EXTRA_KEYS
 
-    from cppo.training.diagnostics import TRAIN_KEYS
+    from cppo.run.metrics import TRAIN_KEYS
 
     for name, extra in RULE_EXTRA_KEYS.items():
-        assert set(get_rule(name).metric_keys()) - set(TRAIN_KEYS) == extra, name
-    assert "ratio/capped_fraction" in get_rule("cppo").metric_keys({"ratio_cap": 2.0})
+        assert set(get_rule(name).bind().metric_keys()) - set(TRAIN_KEYS) == extra, name
+    assert "ratio/capped_fraction" in get_rule("cppo").bind({"ratio_cap": 2.0}).metric_keys()

@@ -11,9 +11,8 @@ from cppo.toy.presets import model_preset, model_preset_names
 from cppo.toy.quick_eval import chat_prompts
 from cppo.toy.task import TaskConfig, generate_splits
 from cppo.toy.tokenizer import build_tokenizer, collect_words
-from cppo.training.tiny import build_tiny_model, build_tiny_tokenizer
 from evaluation import tiny
-from evaluation.testing import make_tiny_model, tiny_preset
+from evaluation.testing import make_char_tokenizer, make_tiny_model, tiny_model_for, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_one_builder_for_toy_and_test_models(tok):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     model, char_tok = make_tiny_model(seed=1, hidden_size=32)
-    other = build_tiny_model(build_tiny_tokenizer(), hidden_size=32, seed=1).state_dict()
+    other = tiny_model_for(make_char_tokenizer(), hidden_size=32, seed=1).state_dict()
     direct = tiny.build_model(tiny_preset(32), char_tok, seed=1).state_dict()
     for sd in (other, direct):
         assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
@@ -132,6 +131,6 @@ def test_one_builder_for_toy_and_test_models(tok):
 
 
 def test_vocab_size_pads_the_test_model():
-    t = build_tiny_tokenizer(300)
-    model = build_tiny_model(t, vocab_size=300, tie_word_embeddings=False)
+    t = make_char_tokenizer(300)
+    model = tiny_model_for(t, vocab_size=300, tie_word_embeddings=False)
     assert len(t) == 300 and model.get_output_embeddings().weight.shape[0] == 300

@@ -10,10 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import metrics_records
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from cppo.pipeline import jobs, runs
+from cppo.pipeline import jobs
+from cppo.run import directory as runs
+from cppo.run.config import RunConfigError, validate_run_config
 from cppo.training.checkpoints import (
     CheckpointPolicy,
     prune_to_best,
@@ -21,10 +24,8 @@ from cppo.training.checkpoints import (
     snapshot_steps,
     validated_step,
 )
-from cppo.training.diagnostics import read_metrics
 from cppo.training.run import run_training
-from cppo.training.runconfig import RunConfigError, validate_run_config
-from cppo.training.tiny import save_tiny, write_train_jsonl
+from evaluation.testing import make_tiny_model, write_train_jsonl
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,8 @@ VALIDATION = {"every": 2, "benchmarks": ["stub"], "k": 2}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model = save_tiny(root / "model", hidden_size=32, num_hidden_layers=2)
+    model = root / "model"
+    make_tiny_model(model, hidden_size=32, num_hidden_layers=2)
     data = write_train_jsonl(root / "train.jsonl", 8)
     return model, data
 
@@ -238,7 +240,7 @@ def test_snapshots_equal_the_checkpointed_weights_and_rotation_changes_nothing(a
     rotated = train(config(assets, tmp_path / "rotated", snapshots="all"))
 
     val_steps = [
-        r["step"] for r in read_metrics(every / "metrics.jsonl") if r["kind"] == "validation"
+        r["step"] for r in metrics_records(every / "metrics.jsonl") if r["kind"] == "validation"
     ]
     assert val_steps == [0, 2, 4, 6, 8]
     assert checkpoint_dirs(every) == [
@@ -251,8 +253,8 @@ def test_snapshots_equal_the_checkpointed_weights_and_rotation_changes_nothing(a
     # a snapshot at every validated step but the first (the initial model) and the last (final/)
     assert snapshot_steps(every) == snapshot_steps(rotated) == [2, 4, 6]
     # what is kept on disk does not change the run
-    assert no_time(read_metrics(every / "metrics.jsonl")) == no_time(
-        read_metrics(rotated / "metrics.jsonl")
+    assert no_time(metrics_records(every / "metrics.jsonl")) == no_time(
+        metrics_records(rotated / "metrics.jsonl")
     )
     for step in (2, 4, 6):
         snap = runs.snapshot_dir(rotated, step)
@@ -352,8 +354,8 @@ def test_resume_after_rotation_and_an_unsaved_snapshot(assets, tmp_path):
         assert probe.seen is not None and max(probe.seen, default=0) <= 4
         done = json.loads((killed / "DONE").read_text())
         assert done["resumed_from"] == "checkpoint-4" and done["steps"] == 8
-        assert no_time(read_metrics(killed / "metrics.jsonl")) == no_time(
-            read_metrics(ref / "metrics.jsonl")
+        assert no_time(metrics_records(killed / "metrics.jsonl")) == no_time(
+            metrics_records(ref / "metrics.jsonl")
         )
         assert checkpoint_dirs(killed) == checkpoint_dirs(ref) == ["checkpoint-8"]
         assert snapshot_steps(killed) == snapshot_steps(ref)
@@ -361,7 +363,7 @@ def test_resume_after_rotation_and_an_unsaved_snapshot(assets, tmp_path):
             a = tensors(runs.snapshot_dir(ref, step))
             b = tensors(runs.snapshot_dir(killed, step))
             assert all(torch.equal(a[k], b[k]) for k in a), (mode, step)
-        records = [r for r in read_metrics(ref / "metrics.jsonl") if r["kind"] == "validation"]
+        records = [r for r in metrics_records(ref / "metrics.jsonl") if r["kind"] == "validation"]
         if mode == "best":
             # by hand: the highest mean, the earliest step on ties; step 0 is the initial model
             # and step 8 is final/, neither needs a snapshot

@@ -6,16 +6,17 @@ import pytest
 import yaml
 
 from cppo.rules import get_rule
-from cppo.training.config import CPPOConfig, grpo_config_from_run
-from cppo.training.runconfig import (
+from cppo.run.config import (
     SCHEMA,
+    DivergencePlan,
     RunConfigError,
     default_run_name,
+    divergence_plan,
     load_run_config,
     schema_table,
     validate_run_config,
 )
-from cppo.training.trainer import resolve_divergence
+from cppo.training.config import CPPOConfig, grpo_config_from_run
 
 
 def minimal(**over):
@@ -172,56 +173,33 @@ def test_config_rejects_method_changing_knobs(tmp_path):
         CPPOConfig(entropy_coef=0.01, **base)
 
 
-def test_divergence_resolution():
-    cppo = get_rule("cppo")
-    spec = resolve_divergence(
-        cppo,
-        cppo.resolve({"rule": "cppo"}),
-        kind=None,
-        topk=None,
-        sampled_token=None,
-        all_methods=False,
-    )
-    assert spec["kind"] == "topk_tv" and spec["topk"] == 20 and spec["for_rule"] and spec["compute"]
+def test_divergence_plan():
+    cppo = get_rule("cppo").bind()
+    plan = divergence_plan(cppo, all_methods=False)
+    assert (plan.kind, plan.topk, plan.for_rule, plan.compute) == ("topk_tv", 20, True, True)
+    assert plan.needs_topk
     # the method config is authoritative
-    cfg = cppo.resolve({"rule": "cppo", "divergence": "binary_kl"})
-    assert (
-        resolve_divergence(cppo, cfg, kind=None, topk=None, sampled_token=None, all_methods=True)[
-            "kind"
-        ]
-        == "binary_kl"
-    )
+    cppo_kl = get_rule("cppo").bind({"divergence": "binary_kl"})
+    assert divergence_plan(cppo_kl).kind == "binary_kl" and not divergence_plan(cppo_kl).needs_topk
     # the run-level divergence is the diagnostic one of rules that read none: giving it for a
     # rule that reads its own is an error (even when it agrees), never an override
     for kind in ("topk_tv", "binary_kl"):
-        with pytest.raises(ValueError, match=r"method 'cppo' reads its own \(binary_kl, K=20\)"):
-            resolve_divergence(
-                cppo, cfg, kind=kind, topk=None, sampled_token=None, all_methods=True
-            )
-    with pytest.raises(ValueError, match="reads its own"):
-        resolve_divergence(cppo, cfg, kind=None, topk=20, sampled_token=None, all_methods=True)
-    trm = get_rule("trm_max")
-    assert (
-        resolve_divergence(
-            trm, trm.resolve({}), kind=None, topk=None, sampled_token=None, all_methods=True
-        )["kind"]
-        == "topk_kl"
-    )
-    grpo = get_rule("grpo")
-    spec = resolve_divergence(
-        grpo, grpo.resolve({}), kind="binary_tv", topk=None, sampled_token=None, all_methods=True
-    )
-    assert spec == {
-        "kind": "binary_tv",
-        "topk": 20,
-        "sampled_token": "extra",
-        "for_rule": False,
-        "compute": True,
-    }
-    spec = resolve_divergence(
-        grpo, grpo.resolve({}), kind=None, topk=None, sampled_token=None, all_methods=False
-    )
-    assert spec["compute"] is False
+        with pytest.raises(
+            RunConfigError, match=r"method 'cppo' reads its own \(binary_kl, K=20\)"
+        ):
+            divergence_plan(cppo_kl, {"kind": kind})
+    with pytest.raises(RunConfigError, match="reads its own"):
+        divergence_plan(cppo_kl, {"kind": None, "topk": 20})
+    assert divergence_plan(get_rule("trm_max").bind()).kind == "topk_kl"
+    grpo = get_rule("grpo").bind()
+    plan = divergence_plan(grpo, {"kind": "binary_tv", "topk": None, "sampled_token": None})
+    assert plan == DivergencePlan("binary_tv", 20, "extra", for_rule=False, compute=True)
+    assert not plan.needs_topk
+    assert divergence_plan(grpo, {}, all_methods=False).compute is False
+    assert not divergence_plan(grpo, {}, all_methods=False).needs_topk
+    # the refusal reaches run.yaml's loader
+    with pytest.raises(RunConfigError, match="reads its own"):
+        validate_run_config(minimal(divergence={"kind": "topk_tv"}))
 
 
 def test_schema_table_lists_every_key():

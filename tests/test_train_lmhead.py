@@ -14,7 +14,7 @@ from cppo.training.lmhead import (
     head_spec_for,
     topk_ids,
 )
-from cppo.training.tiny import build_tiny_model, build_tiny_tokenizer
+from evaluation.testing import make_char_tokenizer, tiny_model_for
 
 torch.set_num_threads(1)
 
@@ -41,8 +41,8 @@ def test_gathered_logits_and_topk_match_full_matmul():
 
 
 def _model(temperature=1.0, tie=True, scale=None, seed=0):
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(
+    tok = make_char_tokenizer()
+    model = tiny_model_for(
         tok, hidden_size=32, num_hidden_layers=2, tie_word_embeddings=tie, seed=seed
     )
     if scale is not None:

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import RULE_EXTRA_KEYS
+from conftest import RULE_EXTRA_KEYS, metrics_records
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from cppo.training.diagnostics import TRAIN_KEYS, read_metrics
+from cppo.run.config import validate_run_config
+from cppo.run.metrics import TRAIN_KEYS
 from cppo.training.run import run_training
-from cppo.training.runconfig import validate_run_config
-from cppo.training.tiny import save_tiny, write_train_jsonl
+from evaluation.testing import make_tiny_model, write_train_jsonl
 
 torch.set_num_threads(1)
 
@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model = save_tiny(root / "model", hidden_size=32, num_hidden_layers=2)
+    model = root / "model"
+    make_tiny_model(model, hidden_size=32, num_hidden_layers=2)
     data = write_train_jsonl(root / "train.jsonl", 8)  # 2 iterations per epoch: runs cross epochs
     bench = root / "val.jsonl"
     bench.write_text(
@@ -110,17 +111,17 @@ def test_kill_and_resume_gives_identical_metrics(assets, tmp_path):
             progress=False,
         )
     assert not (tmp_path / "killed" / "DONE").exists()
-    assert max(r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")) == 5
+    assert max(r["step"] for r in metrics_records(tmp_path / "killed" / "metrics.jsonl")) == 5
     run_training(cfg, validation_fn=stub_validation, reward_funcs=[parity_reward], progress=False)
 
-    ref = read_metrics(full / "metrics.jsonl")
-    got = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    ref = metrics_records(full / "metrics.jsonl")
+    got = metrics_records(tmp_path / "killed" / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in ref] == [(r["kind"], r["step"]) for r in got]
     assert strip_time(ref) == strip_time(got)
     assert [r["step"] for r in ref if r["kind"] == "validation"] == [0, 2, 4, 6, 8]
     # validation did not change training (its RNG use is isolated)
     train_ref = [r for r in strip_time(ref) if r["kind"] == "train"]
-    assert train_ref == strip_time(read_metrics(plain / "metrics.jsonl"))
+    assert train_ref == strip_time(metrics_records(plain / "metrics.jsonl"))
     # the run learned something: the policy moved
     assert any(r["ratio/abs_dev_mean"] > 0 for r in train_ref)
     done = json.loads((tmp_path / "killed" / "DONE").read_text())
@@ -155,7 +156,7 @@ def test_validation_through_the_evaluation_package(assets, tmp_path):
         },
     )
     run_dir = run_training(cfg, progress=False)
-    vals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "validation"]
+    vals = [r for r in metrics_records(run_dir / "metrics.jsonl") if r["kind"] == "validation"]
     assert [v["step"] for v in vals] == [0, 1, 2]
     for v in vals:
         assert set(v) == {"kind", "step", "val/val", "val/mean", "val/k"}
@@ -163,7 +164,7 @@ def test_validation_through_the_evaluation_package(assets, tmp_path):
 
 
 def test_resume_refuses_a_different_config(assets, tmp_path):
-    from cppo.training.runconfig import RunConfigError, dump_run_config
+    from cppo.run.config import RunConfigError, dump_run_config
 
     cfg = config(assets, tmp_path / "run")
     (tmp_path / "run").mkdir()
@@ -214,7 +215,7 @@ def test_cli_end_to_end(assets, tmp_path):
         assert (run / name).exists(), name
     # keep_checkpoints: 1 rotated checkpoint-2 away
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
-    records = read_metrics(run / "metrics.jsonl")
+    records = metrics_records(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert set(records[0]) == {
         "kind",
@@ -228,7 +229,7 @@ def test_cli_end_to_end(assets, tmp_path):
     )
     AutoModelForCausalLM.from_pretrained(run / "final")
     again = _cli(["--config", "run.yaml"], tmp_path)  # already done: a no-op
-    assert again.returncode == 0 and len(read_metrics(run / "metrics.jsonl")) == 4
+    assert again.returncode == 0 and len(metrics_records(run / "metrics.jsonl")) == 4
 
     raw["schedule"]["minibach"] = 2
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))

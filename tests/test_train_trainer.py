@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
-from conftest import RULE_EXTRA_KEYS
+from conftest import RULE_EXTRA_KEYS, metrics_records
 from transformers import AutoTokenizer
 
 from cppo.rules import available_rules
+from cppo.run.config import validate_run_config
+from cppo.run.metrics import TRAIN_KEYS
 from cppo.training.config import grpo_config_from_run
 from cppo.training.data import build_train_dataset
-from cppo.training.diagnostics import TRAIN_KEYS, read_metrics
-from cppo.training.runconfig import validate_run_config
-from cppo.training.tiny import save_tiny, write_train_jsonl
 from cppo.training.trainer import CPPOTrainer
+from evaluation.testing import make_tiny_model, write_train_jsonl
 
 torch.set_num_threads(1)
 N = 4  # samples per prompt
@@ -24,7 +24,8 @@ N = 4  # samples per prompt
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model = save_tiny(root / "model", hidden_size=32, num_hidden_layers=2)
+    model = root / "model"
+    make_tiny_model(model, hidden_size=32, num_hidden_layers=2)
     data = write_train_jsonl(root / "train.jsonl", 32)
     return model, data
 
@@ -92,7 +93,7 @@ def test_every_rule_trains(assets, tmp_path, rule):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    records = read_metrics(trainer.args.metrics_path)
+    records = metrics_records(trainer.args.metrics_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for rec in records:
         keys = set(rec) - {"kind", "step"}
@@ -124,7 +125,7 @@ def test_all_masked_leaves_parameters_unchanged(assets, tmp_path):
     trainer.train()
     after = params(trainer)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    records = read_metrics(trainer.args.metrics_path)
+    records = metrics_records(trainer.args.metrics_path)
     assert all(r["groups/zero_std_fraction"] == 1.0 and r["grad_norm"] == 0.0 for r in records)
 
 
@@ -161,12 +162,15 @@ def test_mu_is_the_generating_models_log_softmax(assets, tmp_path):
 
 
 class _RuleRecorder:
+    """The trainer's bound rule, keeping every output."""
+
     def __init__(self, rule):
         self.rule = rule
+        self.cfg = rule.cfg
         self.calls = []
 
-    def __call__(self, batch, cfg):
-        out = self.rule(batch, cfg)
+    def __call__(self, batch):
+        out = self.rule(batch)
         self.calls.append(out)
         return out
 
@@ -277,7 +281,7 @@ def test_gradient_accumulation_does_not_change_the_step(assets, tmp_path):
             schedule={"micro_batch": micro, "iterations": 1},
         )
         trainer.train()
-        records.append(read_metrics(trainer.args.metrics_path))
+        records.append(metrics_records(trainer.args.metrics_path))
     for other in records[1:]:
         for a, b in zip(records[0], other, strict=True):
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -294,7 +298,7 @@ def test_anchor_switch_is_identical_with_transformers_generation(assets, tmp_pat
     for anchor in ("rollout", "recomputed"):
         trainer = make_trainer(assets, tmp_path / anchor, {"rule": "dppo"}, anchor=anchor)
         trainer.train()
-        out.append(strip(read_metrics(trainer.args.metrics_path)))
+        out.append(strip(metrics_records(trainer.args.metrics_path)))
     assert out[0] == out[1]
 
 
@@ -321,7 +325,7 @@ def test_a_new_rules_diagnostics_reach_metrics_jsonl(assets, tmp_path):
         trainer.train()
     finally:
         registry._REGISTRY.pop("probe_rule")
-    records = read_metrics(trainer.args.metrics_path)
+    records = metrics_records(trainer.args.metrics_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for rec in records:
         assert rec["probe/one"] == 1.0 and rec["probe/rows_with_tokens"] == 1.0

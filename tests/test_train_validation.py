@@ -359,13 +359,14 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path):
     # run's chat_template_kwargs reach the validation prompts
     from transformers import AutoTokenizer
 
+    from cppo.run.config import validate_run_config
     from cppo.training.config import grpo_config_from_run
     from cppo.training.data import build_train_dataset
-    from cppo.training.runconfig import validate_run_config
-    from cppo.training.tiny import save_tiny, write_train_jsonl
     from cppo.training.trainer import CPPOTrainer
+    from evaluation.testing import make_tiny_model, write_train_jsonl
 
-    model_dir = save_tiny(tmp_path / "model", hidden_size=32, num_hidden_layers=2)
+    model_dir = tmp_path / "model"
+    make_tiny_model(model_dir, hidden_size=32, num_hidden_layers=2)
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tok.chat_template = THINK_TEMPLATE
     tok.save_pretrained(model_dir)

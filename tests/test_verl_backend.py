@@ -64,7 +64,8 @@ def test_adapter_equals_the_trainer_loss_with_two_data_parallel_ranks(method, mo
     n_tokens, n_seqs = int(mask.sum()), mask.shape[0]
     cfg = {k: v for k, v in method.items() if k != "rule"}
     rule = get_rule(method["rule"])
-    spec = rule.divergence(cfg)
+    bound = rule.bind(cfg)
+    spec = bound.divergence
     total_grad = torch.zeros_like(lp)
     for rows in halves:
         # verl: one rank's micro-batch, normalised by the global counts through global_batch_info
@@ -77,7 +78,7 @@ def test_adapter_equals_the_trainer_loss_with_two_data_parallel_ranks(method, mo
 
         info = {"dp_size": 2, "batch_num_tokens": n_tokens, "global_batch_size": n_seqs}
         loss, metrics = rule_loss(
-            method,
+            bound,
             old_log_prob=lq[rows],
             log_prob=x,
             advantages=adv[rows],
@@ -101,13 +102,13 @@ def test_adapter_equals_the_trainer_loss_with_two_data_parallel_ranks(method, mo
         torch.testing.assert_close(loss, ref, rtol=1e-7, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-12)
         no_divergence = {"divergence/mean"} if spec is None else set()
-        assert set(metrics) == set(rule.metric_keys(cfg)) - no_divergence
+        assert set(metrics) == set(bound.metric_keys()) - no_divergence
         total_grad[rows] = g
     # DDP averages the ranks' gradients: together they are the whole batch's single-process loss
     z = lp.clone().requires_grad_(True)
     info = {"dp_size": 1, "batch_num_tokens": n_tokens, "global_batch_size": n_seqs}
     whole, _ = rule_loss(
-        method,
+        bound,
         old_log_prob=lq,
         log_prob=z,
         advantages=adv,
@@ -136,8 +137,52 @@ def test_a_topk_method_is_refused_with_the_reason():
     lp, lq, adv, mask = padded_batch(0)
     with pytest.raises(ValueError, match="sampled-token divergence"):
         rule_loss(
-            {"rule": "cppo"}, old_log_prob=lq, log_prob=lp, advantages=adv, response_mask=mask
-        )
+            get_rule("cppo").bind(), old_log_prob=lq, log_prob=lp, advantages=adv,
+            response_mask=mask,
+        )  # fmt: skip
+
+
+def test_a_rule_that_draws_random_numbers_gets_a_seed_per_batch(tmp_path):
+    # verl gives the loss no step: CPPO's shuffled weights get a seed from the run's seed and
+    # the batch's contents, the same for the same batch (a resume), another for another batch
+    from types import SimpleNamespace
+
+    from cppo.backends.verl.loss import batch_seed, load_method, policy_loss, write_method_file
+
+    # only the token condition w_t D_t <= delta, with w_t in [0.5, 1]: D_t in (0.02, 0.04]
+    # (about a quarter of these tokens) is kept or masked depending on the shuffled w_t
+    method = {"rule": "cppo", "divergence": "binary_tv", "shuffle_weights": True,
+              "delta": 0.02, "w_min": 0.5, "prefix_budget": False}  # fmt: skip
+    path = write_method_file({"imports": [], "seed": 3, "method": method}, tmp_path / "m.json")
+    assert load_method(str(path)).rule.draws_random
+    config = SimpleNamespace(policy_loss={"method_file": str(path)}, global_batch_info={})
+    lp, lq, adv, mask = padded_batch(5, B=4, T=30)
+    seeds = {batch_seed(3, lq, adv, mask), batch_seed(3, lq, adv, mask)}
+    assert len(seeds) == 1
+    assert (
+        batch_seed(3, lq + 1e-3, adv, mask) not in seeds
+        and batch_seed(4, lq, adv, mask) not in seeds
+    )
+
+    def keep(seed_batch):
+        captured = {}
+
+        def spy(loss_mat, *args, **kwargs):
+            captured["loss"] = loss_mat.detach()
+            return verl_agg_loss(loss_mat, *args, **kwargs)
+
+        policy_loss(lq, seed_batch, adv, mask, "token-mean", config, aggregate=spy)
+        return captured["loss"] != 0
+
+    a, b = keep(lp), keep(lp)
+    assert torch.equal(a, b)  # deterministic
+    bound = get_rule("cppo").bind({k: v for k, v in method.items() if k != "rule"})
+    seed = batch_seed(3, lq, adv, mask)
+    div = compute_divergence("binary_tv", logp=lp, logp_mu=lq, response_mask=mask)
+    want = bound(RuleBatch(lp, lq, adv, mask, divergence=div, seed=seed)).per_token_loss != 0
+    assert torch.equal(a, want)
+    other = bound(RuleBatch(lp, lq, adv, mask, divergence=div, seed=seed + 1)).per_token_loss != 0
+    assert not torch.equal(a, other)  # the seed matters for this batch, so the test can fail
 
 
 # --- the Top-K route ---------------------------------------------------------------------------
@@ -266,7 +311,7 @@ def test_metrics_converter_keys_steps_and_attempts(tmp_path):
     assert t["reward/mean"] == 0.0 and t["accuracy"] == 0.5  # the second attempt won
     assert t["mask/fraction"] == 0.1 and t["outward/fraction"] == 0.4
     assert t["entropy"] is None and t["verl/actor/pg_loss"] == 0.01
-    from cppo.metrics_contract import TRAIN_KEYS
+    from cppo.run.metrics import TRAIN_KEYS
 
     assert set(TRAIN_KEYS) <= set(t)
     assert recs[3] == {"kind": "validation", "step": 8, "val/val": 0.5, "val/mean": 0.5, "val/k": 8}
@@ -276,7 +321,7 @@ def test_metrics_converter_keys_steps_and_attempts(tmp_path):
 
 
 def paper_run(method: str = "grpo") -> dict:
-    from cppo.training.runconfig import validate_run_config
+    from cppo.run.config import validate_run_config
 
     plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
     return validate_run_config(plan.resolver.run_config("Qwen3-30B-A3B-Base", method, 0))
@@ -341,7 +386,7 @@ def test_train_command_refuses_topk_methods_and_mask_std_0():
 
     assert refusals(paper_run("grpo")) == []
     (msg,) = refusals(paper_run("cppo"))
-    assert msg.startswith("method.divergence: topk_tv")
+    assert msg.startswith("method.divergence: rule 'cppo' reads topk_tv")
     run = paper_run("grpo")
     run["rl"]["mask_std_0"] = True
     assert refusals(run)[0].startswith("rl.mask_std_0")
@@ -370,7 +415,9 @@ def test_train_dry_run_writes_the_data_and_the_overrides(tmp_path):
     cfg_file.write_text(yaml.safe_dump(run))
     assert main(["--config", str(cfg_file), "--dry-run"]) == 0
     state = tmp_path / "run" / "verl"
-    assert json.loads((state / "method.json").read_text())["rule"] == "grpo"
+    method_file = json.loads((state / "method.json").read_text())
+    assert method_file["method"]["rule"] == "grpo" and method_file["imports"] == []
+    assert method_file["seed"] == run["seed"]
     train = pd.read_parquet(state / "train.parquet")
     assert list(train["reward_model"].map(lambda r: r["ground_truth"])) == ["2", "2"]
     v = pd.read_parquet(state / "val-val.parquet")
@@ -437,13 +484,13 @@ def test_ray_slurm_script_starts_a_head_and_workers(tmp_path):
 def test_paper_plan_runs_30b_on_verl_over_two_nodes():
     plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
     m = "Qwen3-30B-A3B-Base"
-    assert plan.commands.train_command("cppo", m) == (
+    assert plan.commands.train_command(m) == (
         "bash cppo/backends/verl/ray_slurm.sh python -m cppo.backends.verl.train"
     )
     assert plan.commands.env_file(m) == "../envs/verl.yaml"
     res = plan.commands.snakemake_resources("train", m)
     assert (res["nodes"], res["tasks_per_node"], res["gpu"], res["cpus_per_task"]) == (2, 1, 16, 64)
-    assert plan.commands.train_command("cppo", "Qwen3-8B-Base").startswith("accelerate launch")
+    assert plan.commands.train_command("Qwen3-8B-Base").startswith("accelerate launch")
     run = plan.resolver.run_config(m, "grpo", 0)
     assert run["backend"] == "verl" and run["rl"]["mask_std_0"] is False
     assert run["verl"]["nnodes"] == 2 and run["verl"]["gpus_per_node"] == 8

@@ -1,12 +1,12 @@
 """The verl backend inside verl 0.9.1 itself (bash .ci/verl: a CPU environment with verl and
 this package): the plugin registers through verl's entry point, verl's loss aggregation equals
 the restated one, the registered loss called the way verl's ppo_loss calls it equals the
-rules, and the generated overrides compose into verl's config dataclasses and pass verl's own
-config checks. Skipped where verl is not installed (the project's environment)."""
+rules (an out-of-tree rule of run.yaml's `imports` included), and the generated overrides
+compose into verl's config dataclasses and pass verl's own config checks. Skipped where verl is
+not installed (the project's environment)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,14 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from cppo.backends.verl.loss import policy_loss, rule_loss, verl_agg_loss  # noqa: E402
+from cppo.backends.verl.loss import (  # noqa: E402
+    policy_loss,
+    rule_loss,
+    verl_agg_loss,
+    write_method_file,
+)
 from cppo.backends.verl.overrides import hydra_overrides  # noqa: E402
+from cppo.run.config import method_rule  # noqa: E402
 
 pytestmark = pytest.mark.verl
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +34,14 @@ CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
 def paper_run(method: str = "grpo") -> dict:
     from cppo.pipeline.config import load_config
     from cppo.pipeline.plan import Plan
-    from cppo.training.runconfig import validate_run_config
+    from cppo.run.config import validate_run_config
 
     plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
     return validate_run_config(plan.resolver.run_config("Qwen3-30B-A3B-Base", method, 0))
 
 
-def composed(run: dict, tmp_path: Path, method: dict | None = None):
-    method_file = tmp_path / "method.json"
-    method_file.write_text(json.dumps(method or run["method"]))
+def composed(run: dict, tmp_path: Path):
+    method_file = write_method_file(run, tmp_path / "method.json")
     overrides = hydra_overrides(
         run,
         method_file=method_file,
@@ -109,14 +114,24 @@ def test_generated_overrides_compose_into_verls_dataclasses(tmp_path, strategy):
 
 
 def test_the_registered_loss_called_as_verl_calls_it_equals_the_rules(tmp_path):
-    from verl.utils.config import omega_conf_to_dataclass
 
     run = paper_run()
     method = {**run["method"], "rule": "dppo", "divergence": "binary_tv", "delta": 0.05}
-    method.pop("dual_clip", None)
-    method.pop("eps_low", None)
-    method.pop("eps_high", None)
-    actor = omega_conf_to_dataclass(composed(run, tmp_path, method).actor_rollout_ref.actor)
+    for key in ("dual_clip", "eps_low", "eps_high"):
+        method.pop(key, None)
+    run["method"] = method
+    loss, metrics, want, want_metrics = verl_loss_and_rule_loss(run, tmp_path)
+    torch.testing.assert_close(loss, want)
+    assert metrics == want_metrics and "mask/fraction" in metrics
+
+
+def verl_loss_and_rule_loss(run: dict, tmp_path: Path):
+    """The loss verl's registry returns for `run`, called as ppo_loss calls it, and the rule's
+    loss on the same batch."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = omega_conf_to_dataclass(composed(run, tmp_path).actor_rollout_ref.actor)
     g = torch.Generator().manual_seed(1)
     B, T = 4, 6
     old = -torch.rand(B, T, generator=g)
@@ -126,18 +141,46 @@ def test_the_registered_loss_called_as_verl_calls_it_equals_the_rules(tmp_path):
     actor.global_batch_info.update(
         dp_size=2, batch_num_tokens=30, global_batch_size=8, loss_scale_factor=16384
     )
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
     loss, metrics = get_policy_loss_fn("cppo")(
         old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
         loss_agg_mode=actor.loss_agg_mode, config=actor, rollout_is_weights=None,
     )  # fmt: skip
     want, want_metrics = rule_loss(
-        method, old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+        method_rule(run), old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
         global_batch_info={"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8},
     )  # fmt: skip
+    return loss, metrics, want, want_metrics
+
+
+def test_an_out_of_tree_rule_reaches_the_verl_loss(tmp_path, monkeypatch):
+    # a baseline added the README's way: one module registering a rule, named in run.yaml's
+    # `imports`; the loss imports it in the worker from the method file, nothing else does
+    module = "probe_rule_for_verl"
+    (tmp_path / f"{module}.py").write_text(
+        "import torch\n"
+        "from cppo.rules import get_rule, register_rule\n"
+        "grpo = get_rule('grpo')\n"
+        "@register_rule('probe_verl', params=dict(grpo.params))\n"
+        "def probe(batch, cfg):\n"
+        "    out = grpo.fn(batch, cfg)\n"
+        "    out.metrics['probe/one'] = torch.ones(())\n"
+        "    out.per_token_loss = 2.0 * out.per_token_loss\n"
+        "    return out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cppo.rules import available_rules
+
+    assert "probe_verl" not in available_rules()
+    run = paper_run()
+    run["imports"] = [module]
+    run["method"] = {**run["method"], "rule": "probe_verl"}
+    loss, metrics, want, _ = verl_loss_and_rule_loss(run, tmp_path)
+    assert metrics["probe/one"] == 1.0
+    run["method"]["rule"] = "grpo"
+    (tmp_path / "grpo").mkdir()
+    grpo_loss = verl_loss_and_rule_loss(run, tmp_path / "grpo")[0]
+    torch.testing.assert_close(loss, 2.0 * grpo_loss)
     torch.testing.assert_close(loss, want)
-    assert metrics == want_metrics and "mask/fraction" in metrics
 
 
 def test_the_train_command_imports_without_trl():
@@ -146,3 +189,5 @@ def test_the_train_command_imports_without_trl():
     from cppo.backends.verl import train
 
     assert callable(train.main) and "trl" not in sys.modules
+    # the run contract is cppo.run: the verl environment never imports the TRL trainer package
+    assert "cppo.training" not in sys.modules

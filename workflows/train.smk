@@ -29,7 +29,7 @@ rule train:
         f"{R}/runs/{{model}}/{{method}}/seed{{seed}}/DONE",
     params:
         state=lambda w, output: os.path.dirname(output[0]),
-        trainer=lambda w: PLAN.commands.train_command(w.method, w.model),
+        trainer=lambda w: PLAN.commands.train_command(w.model),
         # CPU threads per trainer process (one process per GPU under accelerate); `threads` is
         # the job's (per node), as granted (capped by --cores on a local run)
         omp=lambda w, threads: max(1, threads // PLAN.commands.processes_per_node(w.model)),

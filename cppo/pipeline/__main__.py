@@ -75,7 +75,7 @@ def _cmd_train_job(args: argparse.Namespace) -> int:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from cppo.pipeline.jobs import write_json
-    from cppo.pipeline.runs import select_checkpoints
+    from cppo.run.directory import select_checkpoints
 
     sel = select_checkpoints(
         args.run_dir, args.t_stop_steps, args.initial_model, args.initial_revision

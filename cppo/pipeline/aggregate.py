@@ -14,8 +14,10 @@ posthoc.csv adds a checkpoint column (best / final).
   validation mean at step 0, the best within T_stop, best - start, the last validation, the
   mean of the last two, last - start.
 - binding.csv: per run, metric and value: how much the rule binds, averaged over optimizer
-  steps (masked / clipped share of terms, capped IS weights, CPPO's prefix-budget share of its
-  masks, TRM's rejected responses, in %; mean |rho - 1| and mean D_t).
+  steps: `binds`, the diagnostic the rule declares as its own measure (cppo.rules: a share of
+  masked or clipped terms, of capped IS weights, of rejected responses, or the weight a soft
+  gate takes off); the masked share of terms, a ratio_cap's capped share, CPPO's prefix-budget
+  share of its masks (all in %), mean |rho - 1| and mean D_t.
 """
 
 from __future__ import annotations
@@ -28,14 +30,7 @@ from typing import Any
 import pandas as pd
 
 from cppo.pipeline.layout import expand_runs
-from cppo.pipeline.runs import (
-    VAL_MEAN,
-    best_validation,
-    collapse_step,
-    is_finite,
-    read_metrics,
-    validation_collapse_step,
-)
+from cppo.run.metrics import VAL_MEAN, RunMetrics, best_validation, is_finite, read_metrics
 
 LONG_COLUMNS = ["model", "method", "seed", "benchmark", "step", "value", "n_samples"]
 STATUS_COLUMNS = [
@@ -55,15 +50,62 @@ METRIC_COLUMNS = ["model", "method", "seed", "metric", "value"]
 # the CSVs beside the tables' own (one per table of cppo.pipeline.tables.TABLES)
 LONG_CSVS = ("validation_long", "run_status")
 
-# binding.csv metric -> the training-record keys it reads (the first one a run logged wins)
+# binding.csv metric -> the training-record key it reads (`binds`: the rule's declared one)
 BINDING_KEYS = {
-    "masked": ("mask/fraction",),
-    "capped": ("cispo/capped_fraction", "minpro/clip_fraction", "ratio/capped_fraction"),
-    "rejected": ("trm/reject_fraction",),
-    "abs_dev": ("ratio/abs_dev_mean",),
-    "divergence": ("divergence/mean",),
+    "masked": "mask/fraction",
+    "capped": "ratio/capped_fraction",
+    "abs_dev": "ratio/abs_dev_mean",
+    "divergence": "divergence/mean",
 }
-PERCENT = {"masked", "capped", "rejected", "prefix_share"}
+PERCENT = {"binds", "masked", "capped", "prefix_share"}
+
+
+def collapse_step(records: list[dict[str, Any]], keys: list[str]) -> int | None:
+    """The step from which training never recovers a finite value of one of `keys`.
+
+    The trainer writes a non-finite metric as null, so null and NaN/inf both count as broken.
+    A run has collapsed at step s when, for one of the keys, every record from s on is broken
+    (a one-off null is not a collapse). None when no key ends broken.
+    """
+    best: int | None = None
+    for key in keys:
+        start = None
+        for rec in records:
+            if key not in rec:
+                continue
+            if is_finite(rec[key]):
+                start = None
+            elif start is None:
+                start = int(rec["step"])
+        if start is not None and (best is None or start < best):
+            best = start
+    return best
+
+
+def validation_collapse_step(
+    records: list[dict[str, Any]], fraction: float | None, consecutive: int
+) -> int | None:
+    """The first step of `consecutive` validations in a row whose val/mean is below
+    `fraction` x the step-0 value (non-finite values count as below). None when there is no
+    such run of validations, no step-0 record, or `fraction` is None."""
+    if fraction is None:
+        return None
+    start = next((r.get(VAL_MEAN) for r in records if int(r["step"]) == 0), None)
+    if not is_finite(start):
+        return None
+    first, count = None, 0
+    for rec in records:
+        if int(rec["step"]) == 0:
+            continue
+        value = rec.get(VAL_MEAN)
+        if is_finite(value) and value >= fraction * start:
+            first, count = None, 0
+            continue
+        first = int(rec["step"]) if first is None else first
+        count += 1
+        if count >= consecutive:
+            return first
+    return None
 
 
 def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dict[str, float]:
@@ -91,16 +133,18 @@ def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dic
     return out
 
 
-def binding_values(train: list[dict[str, Any]]) -> dict[str, float]:
-    """Run means over optimizer steps of what the rule masked, capped or rejected."""
+def binding_values(train: list[dict[str, Any]], binds: str | None) -> dict[str, float]:
+    """Run means over optimizer steps of how much the rule binds: `binds` is the key of the
+    rule's own measure (cppo.rules.Rule.binding; None for a rule that never binds)."""
     out: dict[str, float] = {}
 
     def mean(key: str) -> float | None:
         xs = [float(r[key]) for r in train if is_finite(r.get(key))]
         return sum(xs) / len(xs) if xs else None
 
-    for metric, keys in BINDING_KEYS.items():
-        value = next((v for k in keys if (v := mean(k)) is not None), None)
+    keys = {"binds": binds, **BINDING_KEYS} if binds else BINDING_KEYS
+    for metric, key in keys.items():
+        value = mean(key)
         if value is not None:
             out[metric] = value * (100.0 if metric in PERCENT else 1.0)
     # CPPO: the budget's share of all masked terms over the run, a ratio of sums (a mean of
@@ -147,115 +191,127 @@ def _pct(x: Any) -> float:
     return float(x) * 100.0 if isinstance(x, int | float) and x is not None else math.nan
 
 
-def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    """All long-form tables of a results directory, from its manifest."""
-    sizes = benchmark_sizes(manifest)
-    k = int(manifest["validation"]["k"])
-    val_names = list(manifest["validation"]["benchmarks"])
-    nonfinite_keys = list(manifest["collapse"]["nonfinite_keys"])
+def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=columns)
+    for col in ("step", "n_samples", "seed", "last_step", "best_step", "collapse_step"):
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    return df
 
-    long_rows, t1_rows, t4_rows, status_rows, post_rows = [], [], [], [], []
-    stability_rows, binding_rows = [], []
-    for run in expand_runs(manifest):
-        key = {"model": run["model"], "method": run["method"], "seed": int(run["seed"])}
-        run_dir = Path(run["run_dir"])
-        metrics_path = run_dir / "metrics.jsonl"
-        if not metrics_path.exists():
-            status_rows.append({**key, "done": False, "n_validations": 0})
-            continue
-        metrics = read_metrics(metrics_path)
-        names = val_names
+
+class RunReader:
+    """What every row function needs about the results directory: validation benchmarks and
+    their sizes, k, T_stop per model and the collapse rule."""
+
+    def __init__(self, manifest: dict[str, Any]):
+        self.manifest = manifest
+        self.sizes = benchmark_sizes(manifest)
+        self.k = int(manifest["validation"]["k"])
+        self.names = list(manifest["validation"]["benchmarks"])
+
+    def t_stop(self, run: dict[str, Any]) -> int:
+        return int(self.manifest["models"][run["model"]]["t_stop_steps"])
+
+    def value_row(
+        self, key: dict[str, Any], rec: dict[str, Any], bench: str, field: str
+    ) -> dict[str, Any]:
+        """One long-form row: a validation record's value of `field` for `bench`."""
+        names = self.names if bench == "mean" else [bench]
+        return {
+            **key,
+            "benchmark": bench,
+            "step": int(rec["step"]),
+            "value": _pct(rec[field]),
+            "n_samples": _n_samples(int(rec.get("val/k", self.k)), self.sizes, names),
+        }
+
+    def validation_rows(self, key: dict[str, Any], metrics: RunMetrics) -> list[dict[str, Any]]:
+        """validation_long.csv: every benchmark of every validation record, then the mean."""
+        rows = []
         for rec in metrics.validation:
-            for b in names:
-                if f"val/{b}" in rec:
-                    long_rows.append(
-                        {
-                            **key,
-                            "benchmark": b,
-                            "step": int(rec["step"]),
-                            "value": _pct(rec[f"val/{b}"]),
-                            "n_samples": _n_samples(int(rec.get("val/k", k)), sizes, [b]),
-                        }
-                    )
+            rows += [
+                self.value_row(key, rec, b, f"val/{b}") for b in self.names if f"val/{b}" in rec
+            ]
             if VAL_MEAN in rec:
-                long_rows.append(
-                    {
-                        **key,
-                        "benchmark": "mean",
-                        "step": int(rec["step"]),
-                        "value": _pct(rec[VAL_MEAN]),
-                        "n_samples": _n_samples(int(rec.get("val/k", k)), sizes, names),
-                    }
-                )
+                rows.append(self.value_row(key, rec, "mean", VAL_MEAN))
+        return rows
 
-        t_stop = int(manifest["models"][run["model"]]["t_stop_steps"])
-        for metric, value in stability_values(metrics.validation, t_stop).items():
-            stability_rows.append({**key, "metric": metric, "value": value})
-        for metric, value in binding_values(metrics.train).items():
-            binding_rows.append({**key, "metric": metric, "value": value})
-        best = best_validation(metrics.validation, t_stop)
+    def table1_rows(self, key: dict[str, Any], best: dict[str, Any] | None) -> list[dict]:
+        """table1.csv: the best validation mean within [0, T_stop]."""
+        return [] if best is None else [self.value_row(key, best, "mean", VAL_MEAN)]
+
+    def table4_rows(self, key: dict[str, Any], best: dict[str, Any] | None) -> list[dict]:
+        """table4.csv: each benchmark at the best-mean step."""
+        if best is None:
+            return []
+        return [self.value_row(key, best, b, f"val/{b}") for b in self.names if f"val/{b}" in best]
+
+    def status_row(
+        self, key: dict[str, Any], run: dict[str, Any], metrics: RunMetrics, best: dict | None
+    ) -> dict[str, Any]:
+        """run_status.csv: last step, validations, best step and value, collapse step."""
+        collapse = self.manifest["collapse"]
         steps = [
-            collapse_step(metrics.train, nonfinite_keys),
+            collapse_step(metrics.train, list(collapse["nonfinite_keys"])),
             validation_collapse_step(
-                metrics.validation,
-                manifest["collapse"]["val_fraction"],
-                manifest["collapse"]["consecutive"],
+                metrics.validation, collapse["val_fraction"], collapse["consecutive"]
             ),
         ]
-        collapse = min((s for s in steps if s is not None), default=None)
-        status_rows.append(
-            {
-                **key,
-                "done": (run_dir / "DONE").exists(),
-                "last_step": metrics.last_step,
-                "n_validations": len(metrics.validation),
-                "best_step": None if best is None else int(best["step"]),
-                "best_value": None if best is None else _pct(best[VAL_MEAN]),
-                "collapse_step": collapse,
-            }
-        )
-        if best is None:
+        return {
+            **key,
+            "done": (Path(run["run_dir"]) / "DONE").exists(),
+            "last_step": metrics.last_step,
+            "n_validations": len(metrics.validation),
+            "best_step": None if best is None else int(best["step"]),
+            "best_value": None if best is None else _pct(best[VAL_MEAN]),
+            "collapse_step": min((s for s in steps if s is not None), default=None),
+        }
+
+    def stability_rows(self, key: dict[str, Any], run: dict, metrics: RunMetrics) -> list[dict]:
+        """stability.csv: start, best, gain, final, last2, net."""
+        values = stability_values(metrics.validation, self.t_stop(run))
+        return [{**key, "metric": m, "value": v} for m, v in values.items()]
+
+    def binding_rows(self, key: dict[str, Any], run: dict, metrics: RunMetrics) -> list[dict]:
+        """binding.csv: how much the rule binds (binding_values)."""
+        binds = self.manifest["methods"][run["method"]].get("binding")
+        values = binding_values(metrics.train, binds)
+        return [{**key, "metric": m, "value": v} for m, v in values.items()]
+
+
+def collect(manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """All long-form tables of a results directory, from its manifest."""
+    reader = RunReader(manifest)
+    rows: dict[str, list[dict[str, Any]]] = {
+        name: [] for name in ("validation_long", "table1", "table4", "posthoc", "run_status",
+                              "stability", "binding")
+    }  # fmt: skip
+    for run in expand_runs(manifest):
+        key = {"model": run["model"], "method": run["method"], "seed": int(run["seed"])}
+        metrics_path = Path(run["run_dir"]) / "metrics.jsonl"
+        if not metrics_path.exists():
+            rows["run_status"].append({**key, "done": False, "n_validations": 0})
             continue
-        bk = int(best.get("val/k", k))
-        t1_rows.append(
-            {
-                **key,
-                "benchmark": "mean",
-                "step": int(best["step"]),
-                "value": _pct(best[VAL_MEAN]),
-                "n_samples": _n_samples(bk, sizes, names),
-            }
-        )
-        for b in names:
-            if f"val/{b}" in best:
-                t4_rows.append(
-                    {
-                        **key,
-                        "benchmark": b,
-                        "step": int(best["step"]),
-                        "value": _pct(best[f"val/{b}"]),
-                        "n_samples": _n_samples(bk, sizes, [b]),
-                    }
-                )
-
-        post_rows += _posthoc_rows(run, key)
-
-    def frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-        df = pd.DataFrame(rows, columns=columns)
-        for col in ("step", "n_samples", "seed", "last_step", "best_step", "collapse_step"):
-            if col in df:
-                df[col] = df[col].astype("Int64")
-        return df
-
-    return {
-        "validation_long": frame(long_rows, LONG_COLUMNS),
-        "table1": frame(t1_rows, LONG_COLUMNS),
-        "table4": frame(t4_rows, LONG_COLUMNS),
-        "posthoc": frame(post_rows, ["checkpoint", *LONG_COLUMNS]),
-        "run_status": frame(status_rows, STATUS_COLUMNS),
-        "stability": frame(stability_rows, METRIC_COLUMNS),
-        "binding": frame(binding_rows, METRIC_COLUMNS),
+        metrics = read_metrics(metrics_path)
+        best = best_validation(metrics.validation, reader.t_stop(run))
+        rows["validation_long"] += reader.validation_rows(key, metrics)
+        rows["stability"] += reader.stability_rows(key, run, metrics)
+        rows["binding"] += reader.binding_rows(key, run, metrics)
+        rows["run_status"].append(reader.status_row(key, run, metrics, best))
+        rows["table1"] += reader.table1_rows(key, best)
+        rows["table4"] += reader.table4_rows(key, best)
+        if best is not None:
+            rows["posthoc"] += _posthoc_rows(run, key)
+    columns = {
+        "validation_long": LONG_COLUMNS,
+        "table1": LONG_COLUMNS,
+        "table4": LONG_COLUMNS,
+        "posthoc": ["checkpoint", *LONG_COLUMNS],
+        "run_status": STATUS_COLUMNS,
+        "stability": METRIC_COLUMNS,
+        "binding": METRIC_COLUMNS,
     }
+    return {name: _frame(rows[name], columns[name]) for name in columns}
 
 
 def _posthoc_rows(run: dict[str, Any], key: dict[str, Any]) -> list[dict[str, Any]]:

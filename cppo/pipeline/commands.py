@@ -113,8 +113,9 @@ class Commands:
     def uses_verl(self, model: str) -> bool:
         return model_training(self.cfg, model)["backend"] == "verl"
 
-    def train_command(self, method: str, model: str | None = None) -> str:
-        """The trainer invocation (without --config); imports a rule's module first if needed.
+    def train_command(self, model: str | None = None) -> str:
+        """The trainer invocation (without --config); run.yaml's `imports` names the modules of
+        rules registered outside this package, which the train command imports itself.
 
         With a model and an `accelerate launch` launcher, the launch gets --num_processes (all
         nodes' GPUs). On more than one node the command is one srun task per node, each running
@@ -129,10 +130,7 @@ class Commands:
             return VERL_TRAIN
         cmd = self.cfg["commands"]["train"]
         launcher = cmd["launcher"]
-        module = self.cfg["methods"][method]["module"]
         target = cmd["module"]
-        if module:
-            target = f"cppo.pipeline.launch --import {shlex.quote(module)} -- {cmd['module']}"
         if model is None or not is_accelerate_launcher(launcher):
             return f"{launcher} {target}"
         # "accelerate launch --config_file F -m" -> "--config_file F -m"

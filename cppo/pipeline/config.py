@@ -152,22 +152,32 @@ def is_accelerate_launcher(launcher: str) -> bool:
 
 
 def semantic_errors(c: Mapping[str, Any]) -> list[str]:
-    """Checks that need more than one key at a time; `c` is a normalized config."""
-    errors: list[str] = []
+    """Checks that need more than one key at a time, section by section; `c` is a normalized
+    config."""
+    errors = [*_name_errors(c), *_data_errors(c), *_benchmark_errors(c)]
+    for name in c["run"]["models"]:
+        if name in c["models"]:
+            errors += _model_errors(c, name)
+    return [*errors, *_method_errors(c), *_command_errors(c), *_paper_errors(c)]
+
+
+def _unknown(path: str, names: list[str], known: Mapping[str, Any], what: str) -> list[str]:
+    return [
+        f"{path}[{i}]: unknown {what} '{name}'{_suggest(name, known)}; defined: {', '.join(known)}"
+        for i, name in enumerate(names)
+        if name not in known
+    ]
+
+
+def _name_errors(c: Mapping[str, Any]) -> list[str]:
+    """run, validation, evaluation and figures name models, methods and benchmarks that exist."""
     models, methods, benches = c["models"], c["methods"], c["benchmarks"]
-
-    def unknown(path: str, names: list[str], known: Mapping[str, Any], what: str) -> None:
-        for i, name in enumerate(names):
-            if name not in known:
-                errors.append(
-                    f"{path}[{i}]: unknown {what} '{name}'{_suggest(name, known)}; "
-                    f"defined: {', '.join(known)}"
-                )
-
-    unknown("run.models", c["run"]["models"], models, "model")
-    unknown("run.methods", c["run"]["methods"], methods, "method")
-    unknown("validation.benchmarks", c["validation"]["benchmarks"], benches, "benchmark")
-    unknown("evaluation.benchmarks", c["evaluation"]["benchmarks"], benches, "benchmark")
+    errors = [
+        *_unknown("run.models", c["run"]["models"], models, "model"),
+        *_unknown("run.methods", c["run"]["methods"], methods, "method"),
+        *_unknown("validation.benchmarks", c["validation"]["benchmarks"], benches, "benchmark"),
+        *_unknown("evaluation.benchmarks", c["evaluation"]["benchmarks"], benches, "benchmark"),
+    ]
     for i, fig in enumerate(c["figures"]["ablations"]):
         path = f"figures.ablations[{i}].methods"
         for j, name in enumerate(fig["methods"]):
@@ -175,18 +185,26 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
                 errors.append(
                     f"{path}[{j}]: method '{name}' is not in run.methods, so it has no runs to plot"
                 )
+    return errors
 
-    train_src = c["data"]["train"]["source"]
-    if train_src == "file" and not c["data"]["train"].get("path"):
-        errors.append("data.train.path: missing required key (data.train.source is 'file')")
-    if train_src == "dapo_math_17k":
+
+def _data_errors(c: Mapping[str, Any]) -> list[str]:
+    train = c["data"]["train"]
+    if train["source"] == "file" and not train.get("path"):
+        return ["data.train.path: missing required key (data.train.source is 'file')"]
+    if train["source"] == "dapo_math_17k":
         dapo = c["data"].get("dapo_math_17k", {})
         if not dapo.get("revision") and not dapo.get("local_file"):
-            errors.append(
+            return [
                 "data.dapo_math_17k.revision: missing; pin the dataset commit (or give local_file)"
-            )
+            ]
+    return []
 
-    for name, bench in benches.items():
+
+def _benchmark_errors(c: Mapping[str, Any]) -> list[str]:
+    errors = []
+    train_src = c["data"]["train"]["source"]
+    for name, bench in c["benchmarks"].items():
         path = f"benchmarks.{name}"
         if bench["source"] == "toy" and name not in ("val", "test"):
             errors.append(
@@ -204,82 +222,91 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
             errors.append(f"{path}.path: only used with source 'file'")
         if bench["source"] == "toy" and train_src != "toy" and not models_use_toy(c):
             errors.append(f"{path}.source: 'toy' needs the toy data (data.train.source: toy)")
+    return errors
 
+
+def _model_errors(c: Mapping[str, Any], name: str) -> list[str]:
+    """One model of run.models: its source block, schedule arithmetic, processes and nodes,
+    T_stop and the validation and checkpoint cadence, and the trust-region keys its methods
+    take from it."""
+    errors: list[str] = []
+    model = c["models"][name]
+    path = f"models.{name}"
+    for source in ("toy", "hub"):
+        if model["source"] == source and source not in model:
+            errors.append(f"{path}.{source}: missing required key (source is '{source}')")
+        if model["source"] != source and source in model:
+            errors.append(f"{path}.{source}: only used with source '{source}'")
+
+    sched = model_schedule(c, name)
+    for key in SCHEDULE_KEYS:
+        if key not in sched:
+            errors.append(f"{path}.schedule.{key}: missing (no config-wide default either)")
+    if all(k in sched for k in ("prompts_per_iter", "minibatch", "updates_per_iter")):
+        ppi, mb, upi = sched["prompts_per_iter"], sched["minibatch"], sched["updates_per_iter"]
+        if mb * upi != ppi:
+            # Table 3: one pass over the rollout batch, one optimizer step per minibatch
+            errors.append(
+                f"{path}.schedule: prompts_per_iter ({ppi}) must equal minibatch x "
+                f"updates_per_iter ({mb} x {upi})"
+            )
+    errors += _batch_errors(c, name, sched)
+    errors += _node_errors(c, name)
+    iters = sched.get("iterations")
+    if iters is not None and model["t_stop"] > iters:
+        errors.append(f"{path}.t_stop: {model['t_stop']} exceeds schedule.iterations {iters}")
+    errors += _cadence_errors(c, name)
+    if model["source"] == "toy" and model["training"].get("backend") == "vllm":
+        errors.append(f"{path}.training.backend: toy models run with 'transformers'")
+    for meth in model["method_overrides"]:
+        if meth not in c["methods"]:
+            errors.append(
+                f"{path}.method_overrides.{meth}: unknown method{_suggest(meth, c['methods'])}"
+            )
+    for meth in c["run"]["methods"]:
+        for key in c["methods"].get(meth, {}).get("from_model", []):
+            if key not in model["trust_region"]:
+                errors.append(
+                    f"{path}.trust_region.{key}: missing, but method '{meth}' takes it "
+                    f"from the model (methods.{meth}.from_model)"
+                )
+    return errors
+
+
+def _cadence_errors(c: Mapping[str, Any], name: str) -> list[str]:
+    """Validation inside [0, T_stop], checkpoints at validated steps, snapshots kept for the
+    post-hoc evaluation."""
+    errors = []
+    model, path = c["models"][name], f"models.{name}"
     val_every = c["validation"]["every"]
-    for name in c["run"]["models"]:
-        if name not in models:
-            continue
-        model = models[name]
-        path = f"models.{name}"
-        if model["source"] == "toy" and "toy" not in model:
-            errors.append(f"{path}.toy: missing required key (source is 'toy')")
-        if model["source"] == "hub" and "hub" not in model:
-            errors.append(f"{path}.hub: missing required key (source is 'hub')")
-        if model["source"] != "toy" and "toy" in model:
-            errors.append(f"{path}.toy: only used with source 'toy'")
-        if model["source"] != "hub" and "hub" in model:
-            errors.append(f"{path}.hub: only used with source 'hub'")
+    if val_every > model["t_stop"]:
+        errors.append(
+            f"validation.every: {val_every} iterations leaves no validation inside "
+            f"[0, T_stop = {model['t_stop']}] of model '{name}'"
+        )
+    training = model_training(c, name)
+    save_every = training["save_every"]
+    if save_every is not None and val_every % save_every:
+        errors.append(
+            f"{path}.training.save_every: {save_every} does not divide validation.every "
+            f"{val_every}; the best validated step would have no checkpoint"
+        )
+    if c["evaluation"]["enabled"] and training["extra"].get("snapshots") == "none":
+        # the selection step picks the best validated step; without its snapshot only a
+        # best step of 0 (the initial model) or the last (final/) could be evaluated
+        own = "snapshots" in model["training"].get("extra", {})
+        errors.append(
+            f"{path + '.training' if own else 'training'}.extra.snapshots: 'none' keeps no "
+            "model of a validated step, but the post-hoc evaluation (evaluation.enabled) "
+            "evaluates each run's best validated step; use 'best' or 'all', or set "
+            "evaluation.enabled: false"
+        )
+    return errors
 
-        sched = model_schedule(c, name)
-        for key in SCHEDULE_KEYS:
-            if key not in sched:
-                errors.append(f"{path}.schedule.{key}: missing (no config-wide default either)")
-        if all(k in sched for k in ("prompts_per_iter", "minibatch", "updates_per_iter")):
-            ppi, mb, upi = sched["prompts_per_iter"], sched["minibatch"], sched["updates_per_iter"]
-            if mb * upi != ppi:
-                # Table 3: one pass over the rollout batch, one optimizer step per minibatch
-                errors.append(
-                    f"{path}.schedule: prompts_per_iter ({ppi}) must equal minibatch x "
-                    f"updates_per_iter ({mb} x {upi})"
-                )
-        errors.extend(_batch_errors(c, name, sched))
-        errors.extend(_node_errors(c, name))
-        iters = sched.get("iterations")
-        if iters is not None and model["t_stop"] > iters:
-            errors.append(f"{path}.t_stop: {model['t_stop']} exceeds schedule.iterations {iters}")
-        if val_every > model["t_stop"]:
-            errors.append(
-                f"validation.every: {val_every} iterations leaves no validation inside "
-                f"[0, T_stop = {model['t_stop']}] of model '{name}'"
-            )
-        save_every = model_training(c, name)["save_every"]
-        if save_every is not None and val_every % save_every:
-            errors.append(
-                f"{path}.training.save_every: {save_every} does not divide validation.every "
-                f"{val_every}; the best validated step would have no checkpoint"
-            )
-        if (
-            c["evaluation"]["enabled"]
-            and model_training(c, name)["extra"].get("snapshots") == "none"
-        ):
-            # the selection step picks the best validated step; without its snapshot only a
-            # best step of 0 (the initial model) or the last (final/) could be evaluated
-            own = "snapshots" in model["training"].get("extra", {})
-            errors.append(
-                f"{path + '.training' if own else 'training'}.extra.snapshots: 'none' keeps no "
-                "model of a validated step, but the post-hoc evaluation (evaluation.enabled) "
-                "evaluates each run's best validated step; use 'best' or 'all', or set "
-                "evaluation.enabled: false"
-            )
-        if model["source"] == "toy" and model["training"].get("backend") == "vllm":
-            errors.append(f"{path}.training.backend: toy models run with 'transformers'")
-        for meth in model["method_overrides"]:
-            if meth not in methods:
-                errors.append(
-                    f"{path}.method_overrides.{meth}: unknown method{_suggest(meth, methods)}"
-                )
 
-        for meth in c["run"]["methods"]:
-            if meth not in methods:
-                continue
-            for key in methods[meth]["from_model"]:
-                if key not in model["trust_region"]:
-                    errors.append(
-                        f"{path}.trust_region.{key}: missing, but method '{meth}' takes it "
-                        f"from the model (methods.{meth}.from_model)"
-                    )
-
-    for name, method in methods.items():
+def _method_errors(c: Mapping[str, Any]) -> list[str]:
+    errors = []
+    for name, method in c["methods"].items():
         path = f"methods.{name}"
         for key in method["from_model"]:
             if key in method["params"]:
@@ -291,28 +318,34 @@ def semantic_errors(c: Mapping[str, Any]) -> list[str]:
                 errors.append(
                     f"{path}.params.{key}: '{key}' is a method-level key, not a rule param"
                 )
-
-    launcher = c["commands"]["train"]["launcher"]
-    if is_accelerate_launcher(launcher):
-        words = launcher.split()
-        for flag in ACCELERATE_MANAGED_FLAGS:
-            if any(w == flag or w.startswith(f"{flag}=") for w in words):
-                errors.append(
-                    f"commands.train.launcher: remove {flag}; the pipeline sets it from each "
-                    "model's resources.train (nodes x gpus)"
-                )
-
-    if c["paper_comparison"]:
-        from cppo.pipeline.paper import paper_models
-
-        known = paper_models()
-        for name in c["run"]["models"]:
-            if name not in known:
-                errors.append(
-                    f"run.models: '{name}' has no reported numbers (paper_comparison is on); "
-                    f"paper models: {', '.join(known)}"
-                )
     return errors
+
+
+def _command_errors(c: Mapping[str, Any]) -> list[str]:
+    launcher = c["commands"]["train"]["launcher"]
+    if not is_accelerate_launcher(launcher):
+        return []
+    words = launcher.split()
+    return [
+        f"commands.train.launcher: remove {flag}; the pipeline sets it from each model's "
+        "resources.train (nodes x gpus)"
+        for flag in ACCELERATE_MANAGED_FLAGS
+        if any(w == flag or w.startswith(f"{flag}=") for w in words)
+    ]
+
+
+def _paper_errors(c: Mapping[str, Any]) -> list[str]:
+    if not c["paper_comparison"]:
+        return []
+    from cppo.pipeline.paper import paper_models
+
+    known = paper_models()
+    return [
+        f"run.models: '{name}' has no reported numbers (paper_comparison is on); "
+        f"paper models: {', '.join(known)}"
+        for name in c["run"]["models"]
+        if name not in known
+    ]
 
 
 def _batch_errors(c: Mapping[str, Any], name: str, sched: Mapping[str, Any]) -> list[str]:

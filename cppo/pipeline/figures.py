@@ -22,8 +22,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from cppo.pipeline.layout import expand_runs
-from cppo.pipeline.runs import RunMetrics, read_metrics
 from cppo.pipeline.stats import seed_stat
+from cppo.run.metrics import RunMetrics, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -379,8 +379,9 @@ def fig_prefix_budget(manifest: dict[str, Any]) -> Figure:
 
 def fig_binding(manifest: dict[str, Any]) -> Figure:
     """How much each rule binds, per model: the masked / clipped share of terms over training
-    (mean over seeds, 95% band), and its run mean per method with the 95% interval over seeds
-    (CISPO's and MinPRO's capped IS weights drawn hatched: they reweight rather than mask)."""
+    (mean over seeds, 95% band), and the run mean of each rule's own measure (cppo.rules
+    Rule.binding) per method with the 95% interval over seeds, hatched where that measure is
+    not the masked share of terms (capped IS weights, rejected responses, a soft gate)."""
     from cppo.pipeline.aggregate import binding_values
 
     models, methods = list(manifest["models"]), list(manifest["methods"])
@@ -397,11 +398,12 @@ def fig_binding(manifest: dict[str, Any]) -> Figure:
                "% of terms (iteration mean)" if c == 0 else None)  # fmt: skip
         ax = axes[len(models) + c]
         for i, meth in enumerate(methods):
-            runs = [binding_values(m.train) for m in seed_metrics(manifest, model, meth)]
-            metric = "capped" if any("capped" in r for r in runs) else "masked"
-            vals = [r[metric] for r in runs if metric in r]
+            binds = manifest["methods"][meth].get("binding")
+            runs = [binding_values(m.train, binds) for m in seed_metrics(manifest, model, meth)]
+            vals = [r["binds"] for r in runs if "binds" in r]
             if not vals:
                 continue
+            hatched = binds != "mask/fraction"
             mean, hw = seed_stat(vals)
             hw = 0.0 if math.isnan(hw) else hw
             ax.bar(
@@ -409,14 +411,15 @@ def fig_binding(manifest: dict[str, Any]) -> Figure:
                 mean,
                 yerr=[[min(hw, mean)], [hw]],  # shares are >= 0
                 color=manifest["methods"][meth]["color"],
-                hatch="//" if metric == "capped" else None,
-                edgecolor="white" if metric == "capped" else None,
+                hatch="//" if hatched else None,
+                edgecolor="white" if hatched else None,
                 capsize=3,
             )
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels([manifest["methods"][m]["label"] for m in methods], rotation=45,
                            ha="right", fontsize=8)  # fmt: skip
-        _style(ax, "run mean (hatched: capped IS weight)", None, "% of terms" if c == 0 else None)
+        _style(ax, "run mean of the rule's own measure (hatched: not a mask)", None,
+               "%" if c == 0 else None)  # fmt: skip
     _legend(fig, manifest, methods)
     return fig
 
@@ -534,9 +537,10 @@ VALIDATION_CAPTION = (
 )
 BINDING_CAPTION = (
     "How much each rule binds: the share of terms it masked or clipped over training (top; mean "
-    "over seeds with its 95% interval) and the run mean per method with its 95% interval over "
-    "seeds (bottom; hatched bars: CISPO's and MinPRO's capped importance weights, which reweight "
-    "rather than mask)."
+    "over seeds with its 95% interval) and the run mean of each rule's own measure with its 95% "
+    "interval over seeds (bottom; hatched bars: a measure other than the masked share of terms, "
+    "such as CISPO's capped importance weights, TRM's rejected responses or SAPO's gate; no bar "
+    "for the no-trust-region control)."
 )
 POSITION_DEVIATION_CAPTION = (
     "Fig. 2: deviation abs(pi(y_t) - mu(y_t)) of the sampled token by relative position (solid: "

@@ -58,6 +58,8 @@ def build_manifest(matrix: RunMatrix, resolver: RunResolver) -> dict[str, Any]:
             "label": cfg["methods"][name]["label"],
             "color": colors[name],
             "rule": cfg["methods"][name]["rule"],
+            # the diagnostic that says how much the rule binds (the binding table and figure)
+            "binding": resolver.bound_rule(matrix.models[0], name).binding,
         }
         for name in matrix.methods
     }

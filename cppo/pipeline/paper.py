@@ -37,7 +37,3 @@ def paper_table(name: str) -> pd.DataFrame:
 
 def paper_models() -> list[str]:
     return list(dict.fromkeys(paper_table("table1")["model"]))
-
-
-def paper_methods() -> list[str]:
-    return list(dict.fromkeys(paper_table("table1")["method"]))

@@ -17,6 +17,7 @@ from cppo.pipeline.config import (
     model_training,
 )
 from cppo.pipeline.matrix import RunMatrix
+from cppo.rules import BoundRule, get_rule
 
 
 class RunResolver:
@@ -62,21 +63,24 @@ class RunResolver:
         overrides = self.cfg["models"][model]["method_overrides"].get(method, {})
         return deep_merge(params, overrides)
 
+    def bound_rule(self, model: str, method: str) -> BoundRule:
+        """The method's rule bound to its params for this model (plugin module imported)."""
+        entry = self.cfg["methods"][method]
+        if entry["module"]:
+            importlib.import_module(entry["module"])
+        return get_rule(entry["rule"]).bind(self.method_params(model, method))
+
     def diagnostic_divergence(self, model: str, method: str) -> dict[str, Any] | None:
         """run.yaml `divergence`: for a rule that reads no divergence, the one the trainer
         computes and logs anyway (the config's training divergence); None for a rule that
         reads one, which takes it from its own params (method_params)."""
-        from cppo.rules import get_rule
-
-        if get_rule(self.cfg["methods"][method]["rule"]).needs_divergence:
+        if self.bound_rule(model, method).divergence is not None:
             return None
         div = model_training(self.cfg, model)["divergence"]
         return {"kind": div["kind"], "topk": int(div.get("topk", 20))}
 
     def rule_errors(self) -> list[str]:
         """Every run's method config checked by its rule (unknown keys, bad values)."""
-        from cppo.rules import get_rule
-
         errors: list[str] = []
         methods = self.matrix.methods
         for name in methods:
@@ -130,6 +134,10 @@ class RunResolver:
             cfg["model"] = entry["hub"]["id"]
             cfg["model_revision"] = entry["hub"]["revision"]
         cfg["train_data"] = matrix.train_data
+        module = self.cfg["methods"][method]["module"]
+        if module:
+            # imported by the train command (and verl's loss) before the rule is looked up
+            cfg["imports"] = [module]
         cfg["method"] = {"rule": self.cfg["methods"][method]["rule"]}
         cfg["method"].update(self.method_params(model, method))
         diagnostic = self.diagnostic_divergence(model, method)

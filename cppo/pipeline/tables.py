@@ -329,10 +329,10 @@ STABILITY_COLUMNS = [
     ("net", "final − start"),
 ]
 BINDING_COLUMNS = [
+    ("binds", "binds (%, the rule's own measure)"),
     ("masked", "masked / clipped (% of terms)"),
-    ("capped", "capped IS weight (% of terms)"),
+    ("capped", "ratio cap (% of terms)"),
     ("prefix_share", "prefix-budget share of masks (%)"),
-    ("rejected", "rejected responses (%)"),
     ("abs_dev", "mean |ρ − 1|"),
     ("divergence", "mean D_t"),
 ]
@@ -353,6 +353,15 @@ def stability_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, A
     )
 
 
+def binding_measures(manifest: dict[str, Any]) -> str:
+    """'label: metric key' of each method's declared binding measure, in table order."""
+    parts = []
+    for entry in manifest["methods"].values():
+        key = entry.get("binding")
+        parts.append(f"{entry['label']}: {key if key else 'none, it never binds'}")
+    return "; ".join(parts)
+
+
 def binding_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any]) -> Grid:
     return metric_grid(
         df,
@@ -361,11 +370,12 @@ def binding_grid(df: pd.DataFrame, status: pd.DataFrame, manifest: dict[str, Any
         title="How much each rule binds (mean over optimizer steps, then over seeds)",
         columns=BINDING_COLUMNS,
         notes=[
-            "Shares in % of the terms. masked / clipped: terms passing no gradient (PPO clip, "
-            "DPPO/CPPO mask, TRM's rejected responses); capped: CISPO's min(ρ, C), MinPRO's "
-            "clipped weight or a rule's ratio_cap; prefix-budget share: CPPO's masks from the "
-            "budget, not the token threshold; D_t: the divergence the run computes (its "
-            "method's, else the logged one).",
+            "binds: each rule's own measure of how much it binds, in % ("
+            + binding_measures(manifest)
+            + "). masked / clipped: terms passing no gradient (PPO clip, DPPO/CPPO mask, TRM's "
+            "rejected responses); ratio cap: terms over a rule's ratio_cap; prefix-budget "
+            "share: CPPO's masks from the budget, not the token threshold; D_t: the divergence "
+            "the run computes (its method's, else the logged one).",
         ],
         digits=3,
     )
@@ -517,9 +527,11 @@ TABLES: dict[str, Table] = {
     ),
     "binding": Table(
         binding_grid,
-        "How much each rule binds: the masked or clipped share of terms, capped importance "
-        "weights, CPPO's prefix-budget share of its masks, TRM's rejected responses, mean "
-        "abs(rho - 1) and the mean divergence D_t, averaged over optimizer steps, then over seeds.",
+        "How much each rule binds: each rule's own measure (the diagnostic it declares: a "
+        "masked or clipped share of terms, capped importance weights, rejected responses, a "
+        "gate's damping), the masked share of terms, a ratio cap's share, CPPO's prefix-budget "
+        "share of its masks, mean abs(rho - 1) and the mean divergence D_t, averaged over "
+        "optimizer steps, then over seeds.",
     ),
     "posthoc": Table(
         posthoc_grid,

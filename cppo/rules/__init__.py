@@ -6,14 +6,15 @@ Public API::
     from cppo.rules import get_rule, available_rules, register_rule
     from cppo.rules import RuleBatch, RuleOutput, aggregate_loss, metrics_to_floats
 
-    rule = get_rule("cppo")
-    out = rule(RuleBatch(logp, logp_mu, advantages, response_mask, divergence=D), cfg)
-    loss = aggregate_loss(out.per_token_loss, response_mask, cfg.get("loss_agg_mode", ...))
+    rule = get_rule("cppo").bind(cfg)   # config checked and resolved once
+    rule.divergence, rule.needs_topk    # what the caller must compute into RuleBatch.divergence
+    out = rule(RuleBatch(logp, logp_mu, advantages, response_mask, divergence=D))
+    loss = aggregate_loss(out.per_token_loss, response_mask, rule.cfg["loss_agg_mode"])
     metrics_to_floats(out.metrics)  # the diagnostics are 0-dim tensors: one copy to the host
 
 Registered rules (one module each): the paper's grpo, cispo, dppo, cppo, trm_max, trm_avg,
-minpro and the no-trust-region control none; beyond the paper gspo, gmpo, sapo, tis, icepop,
-opsm and m2po (Dr. GRPO is a preset of grpo in config/methods.yaml).
+minpro and the no-trust-region control none; beyond the paper gspo, gmpo, sapo, icepop, opsm
+and m2po (Dr. GRPO is a preset of grpo and TIS one of cispo in config/methods.yaml).
 """
 
 from cppo.rules import (  # noqa: F401  (registration)
@@ -29,7 +30,6 @@ from cppo.rules import (  # noqa: F401  (registration)
     none,
     opsm,
     sapo,
-    tis,
     trm,
 )
 from cppo.rules.aggregation import AGGREGATION_MODES, aggregate_loss
@@ -44,6 +44,7 @@ from cppo.rules.cppo import (
 )
 from cppo.rules.dppo import dppo_mask
 from cppo.rules.registry import (
+    BoundRule,
     Param,
     Rule,
     RuleConfigError,
@@ -52,11 +53,11 @@ from cppo.rules.registry import (
     get_rule,
     register_rule,
     resolve_config,
-    rule_divergence,
 )
 
 __all__ = [
     "AGGREGATION_MODES",
+    "BoundRule",
     "CPPOGate",
     "CPPOParams",
     "Param",
@@ -76,5 +77,4 @@ __all__ = [
     "metrics_to_floats",
     "register_rule",
     "resolve_config",
-    "rule_divergence",
 ]

@@ -71,9 +71,8 @@ class RuleBatch:
         response_mask: bool, True on real response tokens.
         divergence: per-token D_t ``[B, T]`` computed by the caller as the rule's config asks
             (``cfg["divergence"]``), or None for rules that need none.
-        kl: optional per-token KL(mu || pi) ``[B, T]``; TRM uses it when ``divergence`` is
-            None (no other rule reads it).
-        seed: seed for randomised ablations (CPPO shuffled weights).
+        seed: seed for randomised ablations (CPPO shuffled weights); a caller varies it per
+            step for a rule whose bound config ``draws_random``.
     """
 
     logp: Tensor
@@ -81,14 +80,13 @@ class RuleBatch:
     advantages: Tensor
     response_mask: Tensor
     divergence: Tensor | None = None
-    kl: Tensor | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.logp.dim() != 2:
             raise ValueError(f"logp must be [B, T], got shape {tuple(self.logp.shape)}")
         shape = self.logp.shape
-        for name in ("logp_mu", "response_mask", "divergence", "kl"):
+        for name in ("logp_mu", "response_mask", "divergence"):
             t = getattr(self, name)
             if t is not None and t.shape != shape:
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -131,14 +129,9 @@ class RuleBatch:
             a = a.unsqueeze(-1).expand(self.logp.shape)
         return torch.where(self.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
-    def divergence_2d(self, kl_fallback: bool = False) -> Tensor | None:
-        """The divergence, detached, NaN -> +inf, zero on padding (None if absent).
-
-        With ``kl_fallback`` the ``kl`` slot is used when ``divergence`` is None (TRM).
-        """
+    def divergence_2d(self) -> Tensor | None:
+        """The divergence, detached, NaN -> +inf, zero on padding (None if absent)."""
         d = self.divergence
-        if d is None and kl_fallback:
-            d = self.kl
         if d is None:
             return None
         d = d.detach().to(compute_dtype(d, self.logp))

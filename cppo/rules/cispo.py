@@ -6,6 +6,14 @@ token passes gradient A_t min(rho_t, cap) grad log pi. Token-level normalisation
 paper's scaling runs and TRL's recommendation (an absolute cap on rho). verl's example caps at
 1 + 0.2 instead: set ``cap: 1.2`` for that reading. ``cap_low`` (absolute lower bound on the
 weight) is off by default, as in MiniMax-M1.
+
+Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+brings you off-policy RL training"; verl ``rollout_is=token``, TRL
+``vllm_importance_sampling_cap``) is -min(rho_t, C) A_t with gradient
+-min(rho_t, C) A_t grad log pi: this rule's gradient at cap C (only the logged loss value
+differs), so the methods catalogue's ``tis`` is this rule with verl's C = 2 (TRL's default is
+3). Anchored on mu as every rule here, the weight corrects both the rollout/trainer mismatch and
+the policy's drift within an iteration; verl applies it to pi_old / mu next to a PPO clip.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         "cap_low": Param(None, float, optional=True, check=lambda x: x >= 0, requirement=">= 0"),
     },
     check=_check_cfg,
+    binding="cispo/capped_fraction",
 )
 def cispo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """CISPO: -sg(min(rho, C)) A log pi, C = 5 by default."""

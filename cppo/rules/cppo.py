@@ -372,6 +372,7 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
 @register_rule(
     "cppo",
     divergence="topk_tv",
+    draws_random=lambda cfg: cfg["shuffle_weights"],
     params={
         "delta": Param(0.15, float, check=lambda x: x > 0, requirement="> 0"),
         "delta_b": Param(0.02, float, check=lambda x: x >= 0, requirement=">= 0"),

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from cppo.rules.base import RuleBatch, RuleOutput, base_metrics, outward_mask
-from cppo.rules.gspo import sequence_log_ratio
-from cppo.rules.ops import selected_mean
+from cppo.rules.ops import selected_mean, sequence_log_ratio
 from cppo.rules.registry import Param, register_rule
 
 __all__ = ["gmpo_rule"]

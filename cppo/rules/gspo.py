@@ -25,17 +25,10 @@ from cppo.rules.base import (
     ratio_from_log_ratio,
 )
 from cppo.rules.grpo import ppo_clip_loss
-from cppo.rules.ops import selected_mean
+from cppo.rules.ops import selected_mean, sequence_log_ratio
 from cppo.rules.registry import Param, register_rule
 
-__all__ = ["gspo_rule", "sequence_log_ratio"]
-
-
-def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(1/|y_i|) sum_t log rho_{i,t}, ``[B]`` (0 for a response without tokens); keeps the graph."""
-    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-    total = torch.where(mask, log_ratio, zero).sum(-1)
-    return total / mask.sum(-1).clamp(min=1).to(log_ratio.dtype)
+__all__ = ["gspo_rule"]
 
 
 @register_rule(

@@ -93,6 +93,7 @@ def minpro_weight(
         "include_current": Param(True, bool),
         "cap_prefix_min_at_one": Param(False, bool),
     },
+    binding="minpro/clip_fraction",
 )
 def minpro_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """MinPRO: -sg(clip(min_{i<t} rho_i * rho_t)) A_t log pi(y_t) (see module docstring)."""

@@ -26,7 +26,7 @@ from cppo.rules.registry import register_rule
 __all__ = ["none_rule"]
 
 
-@register_rule("none")
+@register_rule("none", binding=None)
 def none_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """-rho_t A_t on every response token (no trust region)."""
     mask = batch.mask

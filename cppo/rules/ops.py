@@ -1,5 +1,5 @@
-"""Tensor helpers of the rules: means over tokens or rows, shares of counts, a batched masked
-quantile and seeded per-row ranks.
+"""Tensor helpers of the rules: means over tokens or rows, shares of counts, the per-response
+mean log-ratio, a batched masked quantile and seeded per-row ranks.
 
 The means and shares are the rules' diagnostics: 0-dim tensors computed without a
 device-to-host sync, each rounding exactly like the python-float expression it replaced (named
@@ -11,7 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["count_share", "masked_mean", "masked_quantile", "selected_mean", "shuffled_ranks"]
+__all__ = [
+    "count_share",
+    "masked_mean",
+    "masked_quantile",
+    "selected_mean",
+    "sequence_log_ratio",
+    "shuffled_ranks",
+]
+
+
+def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """(1/|y_i|) sum_t log rho_{i,t}, ``[B]`` (0 for a response without tokens); keeps the graph."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    total = torch.where(mask, log_ratio, zero).sum(-1)
+    return total / mask.sum(-1).clamp(min=1).to(log_ratio.dtype)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

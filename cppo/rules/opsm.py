@@ -18,8 +18,7 @@ import torch
 
 from cppo.rules.base import RuleBatch, RuleOutput, base_metrics, outward_mask, ratio_from_log_ratio
 from cppo.rules.grpo import PPO_CLIP_PARAMS, check_dual_clip, grpo_keep, ppo_clip_loss
-from cppo.rules.gspo import sequence_log_ratio
-from cppo.rules.ops import masked_mean
+from cppo.rules.ops import masked_mean, sequence_log_ratio
 from cppo.rules.registry import Param, register_rule
 
 __all__ = ["opsm_rule"]

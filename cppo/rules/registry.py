@@ -12,6 +12,9 @@ in defaults before the rule body sees it. Every rule accepts the common keys
 
 and rules that read a divergence also accept ``divergence`` (kind), ``topk`` and
 ``sampled_token``, which tell the caller what to compute into ``RuleBatch.divergence``.
+
+A caller binds a rule to its config once (``get_rule(name).bind(cfg)``) and asks the bound rule
+what it needs (``.divergence``, ``.needs_topk``, ``.draws_random``) before calling it per batch.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES
+from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES, is_topk
 from cppo.rules.aggregation import AGGREGATION_MODES
 from cppo.rules.base import RuleBatch, RuleOutput
 
 __all__ = [
     "Param",
+    "BoundRule",
     "Rule",
     "RuleConfigError",
     "UnknownRuleError",
@@ -34,7 +39,6 @@ __all__ = [
     "get_rule",
     "available_rules",
     "resolve_config",
-    "rule_divergence",
     "COMMON_PARAMS",
     "RATIO_CAP",
     "divergence_params",
@@ -125,7 +129,13 @@ RuleFn = Callable[[RuleBatch, dict[str, Any]], RuleOutput]
 
 
 class Rule:
-    """A registered rule: ``rule(batch, cfg) -> RuleOutput`` with config validation."""
+    """A registered rule: ``rule.bind(cfg)(batch) -> RuleOutput``, or ``rule(batch, cfg)``.
+
+    ``binding`` names the diagnostic that says how much the rule binds (a share in [0, 1] of
+    terms, or of responses for a sequence-level rule; None for a rule that never binds): the
+    binding table and figure read it. ``draws_random`` says, from the resolved config, whether
+    the rule reads ``RuleBatch.seed`` (a caller must then vary the seed per step).
+    """
 
     def __init__(
         self,
@@ -134,14 +144,16 @@ class Rule:
         params: Mapping[str, Param],
         needs_divergence: bool,
         check: Callable[[dict[str, Any]], None] | None = None,
-        kl_fallback: bool = False,
+        binding: str | None = "mask/fraction",
+        draws_random: Callable[[Mapping[str, Any]], bool] | None = None,
     ):
         self.name = name
         self.fn = fn
         self.params = dict(params)
         self.needs_divergence = needs_divergence
-        self.kl_fallback = kl_fallback
+        self.binding = binding
         self._check = check
+        self._draws_random = draws_random
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -173,16 +185,60 @@ class Rule:
             self._check(out)
         return out
 
-    def divergence(self, cfg: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-        """What the caller must put into ``RuleBatch.divergence`` (None if nothing)."""
-        if not self.needs_divergence:
+    def bind(self, cfg: Mapping[str, Any] | None = None) -> BoundRule:
+        """The rule with ``cfg`` validated and resolved once (see BoundRule)."""
+        resolved = self.resolve(cfg)
+        random = self._draws_random is not None and bool(self._draws_random(resolved))
+        return BoundRule(self, MappingProxyType(resolved), random)
+
+    def __call__(self, batch: RuleBatch, cfg: Mapping[str, Any] | None = None) -> RuleOutput:
+        return self.bind(cfg)(batch)
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r})"
+
+
+@dataclass(frozen=True)
+class BoundRule:
+    """A rule and its resolved config: what a caller asks once per run, then the loss of each
+    micro-batch without resolving again.
+
+    Attributes:
+        rule: the registered rule.
+        cfg: the resolved config (read-only).
+        draws_random: the rule reads ``RuleBatch.seed`` under this config.
+    """
+
+    rule: Rule
+    cfg: Mapping[str, Any]
+    draws_random: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def divergence(self) -> dict[str, Any] | None:
+        """{kind, topk, sampled_token} the caller must put into ``RuleBatch.divergence``, or
+        None for a rule that reads none."""
+        if not self.rule.needs_divergence:
             return None
-        c = self.resolve(cfg)
+        c = self.cfg
         return {"kind": c["divergence"], "topk": c["topk"], "sampled_token": c["sampled_token"]}
 
-    def metric_keys(self, cfg: Mapping[str, Any] | None = None) -> list[str]:
-        """The diagnostic keys the rule reports under ``cfg`` (from one call on a tiny batch),
-        so that a caller can log every key at every step (null when the rule did not run)."""
+    @property
+    def needs_topk(self) -> bool:
+        """The rule reads a Top-K divergence: mu's top-K must be recorded at rollout time."""
+        spec = self.divergence
+        return spec is not None and is_topk(spec["kind"])
+
+    @property
+    def binding(self) -> str | None:
+        return self.rule.binding
+
+    def metric_keys(self) -> list[str]:
+        """The diagnostic keys the rule reports (from one call on a tiny batch), so that a
+        caller can log every key at every step (null when the rule did not run)."""
         import torch
 
         lq = torch.full((2, 3), -1.0)
@@ -193,20 +249,15 @@ class Rule:
             torch.ones(2, 3, dtype=torch.bool),
             divergence=torch.full((2, 3), 0.01),
         )
-        return sorted(self(batch, cfg).metrics)
+        return sorted(self(batch).metrics)
 
-    def __call__(self, batch: RuleBatch, cfg: Mapping[str, Any] | None = None) -> RuleOutput:
-        resolved = self.resolve(cfg)
-        has_kl = self.kl_fallback and batch.kl is not None
-        if self.needs_divergence and batch.divergence is None and not has_kl:
+    def __call__(self, batch: RuleBatch) -> RuleOutput:
+        if self.rule.needs_divergence and batch.divergence is None:
             raise ValueError(
-                f"rule {self.name!r} needs batch.divergence ({resolved['divergence']}, "
-                f"K={resolved['topk']})"
+                f"rule {self.name!r} needs batch.divergence ({self.cfg['divergence']}, "
+                f"K={self.cfg['topk']})"
             )
-        return self.fn(batch, resolved)
-
-    def __repr__(self) -> str:
-        return f"Rule({self.name!r})"
+        return self.rule.fn(batch, dict(self.cfg))
 
 
 _REGISTRY: dict[str, Rule] = {}
@@ -219,7 +270,8 @@ def register_rule(
     divergence: str | None = None,
     topk: int = 20,
     check: Callable[[dict[str, Any]], None] | None = None,
-    kl_fallback: bool = False,
+    binding: str | None = "mask/fraction",
+    draws_random: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Callable[[RuleFn], Rule]:
     """Decorator registering ``fn(batch, cfg)`` under ``name``.
 
@@ -230,7 +282,8 @@ def register_rule(
         check: cross-parameter validation on the resolved config (raise RuleConfigError); it
             may also fill, in place, a null default that depends on other keys (TRM's
             per-estimator thresholds).
-        kl_fallback: the rule may read ``RuleBatch.kl`` when ``divergence`` is None.
+        binding: the diagnostic that says how much the rule binds (see Rule).
+        draws_random: from the resolved config, whether the rule reads ``RuleBatch.seed``.
     """
 
     def deco(fn: RuleFn) -> Rule:
@@ -246,7 +299,8 @@ def register_rule(
             schema,
             needs_divergence=divergence is not None,
             check=check,
-            kl_fallback=kl_fallback,
+            binding=binding,
+            draws_random=draws_random,
         )
         _REGISTRY[name] = rule
         return rule
@@ -273,8 +327,3 @@ def get_rule(name: str) -> Rule:
 def resolve_config(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate a method config against rule ``name`` and fill in its defaults."""
     return get_rule(name).resolve(cfg)
-
-
-def rule_divergence(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """{kind, topk, sampled_token} the caller must compute for rule ``name``, or None."""
-    return get_rule(name).divergence(cfg)

@@ -6,7 +6,8 @@ a smooth, temperature-controlled gate in place of the hard clip.
 
 Its gradient is -g_t rho_t A_t grad log pi with the gate g_t = 4 sigma (1 - sigma),
 sigma = sigmoid(tau (rho_t - 1)): 1 on-policy, decaying smoothly as rho_t leaves 1 (faster for
-a larger tau). ``weight`` reports g_t. Defaults tau_pos 1.0, tau_neg 1.05 (the paper; verl and
+a larger tau). ``weight`` reports g_t; how much the gate binds is the mean weight it takes off,
+``sapo/damping_mean`` = mean_t (1 - g_t) (g_t <= 1). Defaults tau_pos 1.0, tau_neg 1.05 (the paper; verl and
 TRL defaults).
 """
 
@@ -29,6 +30,7 @@ __all__ = ["sapo_rule"]
         "tau_pos": Param(1.0, float, check=lambda x: x > 0, requirement="> 0"),
         "tau_neg": Param(1.05, float, check=lambda x: x > 0, requirement="> 0"),
     },
+    binding="sapo/damping_mean",
 )
 def sapo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     """SAPO: -sigmoid(tau (rho - 1)) * 4 / tau * A, tau by the sign of A."""
@@ -49,4 +51,5 @@ def sapo_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
     metrics = base_metrics(mask, ratio, mask, batch.divergence_2d(), outward)
     metrics["sapo/gate_mean"] = masked_mean(gate, mask)
     metrics["sapo/gate_outward_mean"] = masked_mean(gate, outward)
+    metrics["sapo/damping_mean"] = masked_mean(1.0 - gate, mask)
     return RuleOutput(per_token_loss=loss, keep=mask.clone(), weight=gate, metrics=metrics)

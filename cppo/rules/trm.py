@@ -18,7 +18,6 @@ has its own published threshold, used when ``delta`` / ``delta_avg`` is null:
 
 Other estimators (``topk_tv``, which the CPPO project page names for every divergence mask;
 binary TV / KL; k3 with max) have no published threshold and need an explicit one.
-``RuleBatch.kl`` is used when ``divergence`` is None.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def _trm(batch: RuleBatch, cfg: dict[str, Any], reduce: str, threshold: float) -
     mask = batch.mask
     lr = batch.log_ratio()
     adv = batch.advantages_2d()
-    kl = batch.divergence_2d(kl_fallback=True)
+    kl = batch.divergence_2d()
     score = trm_sequence_score(kl, mask, reduce)
     seq_keep = score <= threshold  # NaN/inf (from NaN KL) rejects
     outward = outward_mask(lr.detach(), adv) & mask
@@ -123,7 +122,7 @@ def _fill_threshold(rule: str, key: str):
 @register_rule(
     "trm_max",
     divergence="topk_kl",
-    kl_fallback=True,
+    binding="trm/reject_fraction",
     params={"delta": _threshold_param(), **_COMMON},
     check=_fill_threshold("trm_max", "delta"),
 )
@@ -135,7 +134,7 @@ def trm_max_rule(batch: RuleBatch, cfg: dict[str, Any]) -> RuleOutput:
 @register_rule(
     "trm_avg",
     divergence="topk_kl",
-    kl_fallback=True,
+    binding="trm/reject_fraction",
     params={"delta_avg": _threshold_param(), **_COMMON},
     check=_fill_threshold("trm_avg", "delta_avg"),
 )

@@ -1,38 +1,12 @@
-"""The trainer: TRL's GRPOTrainer with the paper's update scheme, rules from cppo.rules and diagnostics.
+"""The project's trainer (backends `transformers` and `vllm`): TRL's GRPOTrainer with the paper's
+update scheme, the registered rules of cppo.rules and the run directory of cppo.run.
 
-from cppo.training import CPPOTrainer, CPPOConfig, plan_batches, load_run_config, run_training
+    run.py           run_training(cfg): one run from a validated run.yaml, resume, final/, DONE
+    config.py        CPPOConfig (TRL's GRPOConfig + the method) built from run.yaml
+    trainer.py       CPPOTrainer: mu recording, the rule's loss, the step log
+    schedule.py      the batch arithmetic of Table 3 (plan_batches)
+    checkpoints.py   rotated full checkpoints and model-only snapshots
+    diagnostics.py   the per-optimizer-step record of metrics.jsonl
+    validation*.py   in-loop Avg@k validation and its schedule
+    lmhead.py        fused LM head: sampled-token and top-K log-probs without [T, V] copies
 """
-
-from cppo.training.runconfig import RunConfigError, load_run_config, validate_run_config
-from cppo.training.schedule import BatchPlan, plan_batches
-
-
-def __getattr__(name: str):
-    # TRL is imported on first use only: run.yaml's loader also serves environments without
-    # it (the verl backend's)
-    if name in ("CPPOConfig", "grpo_config_from_run"):
-        from cppo.training import config
-
-        return getattr(config, name)
-    if name == "CPPOTrainer":
-        from cppo.training.trainer import CPPOTrainer
-
-        return CPPOTrainer
-    if name == "run_training":
-        from cppo.training.run import run_training
-
-        return run_training
-    raise AttributeError(name)
-
-
-__all__ = [
-    "BatchPlan",
-    "CPPOConfig",
-    "CPPOTrainer",
-    "RunConfigError",
-    "grpo_config_from_run",
-    "load_run_config",
-    "plan_batches",
-    "run_training",
-    "validate_run_config",
-]

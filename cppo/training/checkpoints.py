@@ -27,7 +27,8 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
-from cppo.pipeline.runs import SNAPSHOTS, best_validation, read_metrics, snapshot_dir
+from cppo.run.directory import SNAPSHOTS, snapshot_dir, snapshot_steps
+from cppo.run.metrics import best_validation, read_metrics
 from cppo.training.validation_callback import validation_due
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,6 @@ def rotate_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
     return removed
 
 
-def snapshot_steps(run_dir: Path) -> list[int]:
-    parent = run_dir / SNAPSHOTS
-    steps = []
-    if parent.is_dir():
-        for d in parent.iterdir():
-            match = re.fullmatch(r"step-(\d+)", d.name)
-            if match and d.is_dir():
-                steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
 def drop_snapshots_after(run_dir: Path, step: int) -> list[int]:
     """Delete snapshots of steps after `step` (a resume from checkpoint-<step> recomputes those
     steps) and unfinished snapshot writes. Returns the deleted steps."""
@@ -97,7 +87,7 @@ def prune_to_best(run_dir: Path, metrics_path: Path, up_to: int, within: int | N
     records of steps <= `up_to`, and any snapshot of a later step (not scored yet, or not yet in
     a full checkpoint, so a resume may score it differently). Returns the deleted steps.
 
-    The rule is the checkpoint selection's (cppo.pipeline.runs.best_validation: highest val/mean,
+    The rule is the checkpoint selection's (cppo.run.metrics.best_validation: highest val/mean,
     earliest on ties), so the snapshot it will ask for is the one kept.
     """
     records = read_metrics(metrics_path).validation if metrics_path.exists() else []

@@ -20,7 +20,7 @@ from cppo.training.schedule import BatchPlan, plan_batches
 
 @dataclass
 class CPPOConfig(GRPOConfig):
-    """GRPOConfig + the trust-region method and its diagnostics (see cppo.training.runconfig)."""
+    """GRPOConfig + the trust-region method and its diagnostics (see cppo.run.config)."""
 
     # TRL defaults this to True; the methods anchor rho on mu directly, so it must be off
     vllm_importance_sampling_correction: bool = field(

@@ -1,4 +1,4 @@
-"""Per-optimizer-step diagnostics and the run's metrics.jsonl.
+"""Per-optimizer-step diagnostics: the train records of metrics.jsonl (cppo.run.metrics).
 
 Micro-steps add sums and counts (device tensors, no host sync); at the optimizer-step boundary
 `StepAccumulator.finalize` reduces them over processes and returns one record with exactly the
@@ -25,17 +25,14 @@ keys of the metrics contract (plus the optional deviation bins). Definitions:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from cppo.metrics_contract import RULE_KEYS, TRAIN_KEYS  # noqa: F401  (re-exported)
+from cppo.run.metrics import RULE_KEYS, TRAIN_KEYS
 
 _MEANS = {
     # record key: (numerator, denominator) accumulator names
@@ -274,57 +271,3 @@ class StepLog(TrainerCallback):
             value = stats.get(key)
             record[key] = None if value is None or not math.isfinite(float(value)) else float(value)
         return record
-
-
-class MetricsWriter:
-    """Appends JSON records (one per line) to metrics.jsonl, flushed and fsynced per record."""
-
-    def __init__(self, path: str | Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record, allow_nan=False)
-        with open(self.path, "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def truncate_metrics(path: str | Path, max_step: int) -> int:
-    """Keep only records with step <= max_step (a resumed run rewrites what came after). Returns dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    records = []
-    dropped = 0
-    with open(path) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1  # a line cut by the kill
-                continue
-            if rec.get("step", 0) <= max_step:
-                records.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as fh:
-        fh.writelines(records)
-    os.replace(tmp, path)
-    return dropped

@@ -16,7 +16,6 @@ that one directory, and HF_HUB_OFFLINE=1 works once the snapshot is cached.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -26,7 +25,9 @@ from typing import Any
 import yaml
 
 from cppo.hub import ResolvedModel, resolve_model
-from cppo.training.runconfig import RunConfigError, dump_run_config
+from cppo.run.config import RunConfigError, dump_run_config
+from cppo.run.directory import DONE, write_done
+from cppo.run.metrics import truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,11 @@ def run_training(
     )
     from cppo.training.config import grpo_config_from_run
     from cppo.training.data import build_train_dataset
-    from cppo.training.diagnostics import truncate_metrics
     from cppo.training.trainer import CPPOTrainer
 
     run_dir = Path(cfg["output_dir"])
     state = PartialState()
-    if (run_dir / "DONE").exists():
+    if (run_dir / DONE).exists():
         log.info("%s: already done", run_dir)
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,6 @@ def run_training(
             "prompts_dropped": dropped,
             "model": model.provenance(),
         }
-        (run_dir / "DONE").write_text(json.dumps(done, indent=2) + "\n")
+        write_done(run_dir, done)
     state.wait_for_everyone()
     return run_dir

@@ -35,8 +35,10 @@ from trl.trainer.utils import RepeatSampler
 
 from cppo.divergence import compute_divergence
 from cppo.rules import RuleBatch, aggregate_loss, get_rule
+from cppo.run.config import divergence_plan
+from cppo.run.metrics import MetricsWriter
 from cppo.training.config import CPPOConfig
-from cppo.training.diagnostics import MetricsWriter, StepLog
+from cppo.training.diagnostics import StepLog
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
 from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
@@ -45,39 +47,6 @@ from cppo.training.validation_callback import InLoopValidation
 from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_divergence(
-    rule: Any,
-    rule_cfg: dict[str, Any],
-    *,
-    kind: str | None,
-    topk: int | None,
-    sampled_token: str | None,
-    all_methods: bool,
-) -> dict[str, Any]:
-    """Which divergence to compute: the rule's own (from its method config), else the run's
-    diagnostic divergence (run.yaml `divergence`, for rules that read none).
-
-    Returns {kind, topk, sampled_token, for_rule (fed to the rule), compute (at all)}.
-    """
-    spec = rule.divergence(rule_cfg)
-    if spec is not None:
-        given = {"kind": kind, "topk": topk, "sampled_token": sampled_token}
-        if any(v is not None for v in given.values()):
-            raise ValueError(
-                f"run.yaml 'divergence' is the diagnostic divergence of rules that read none; "
-                f"method '{rule.name}' reads its own ({spec['kind']}, K={spec['topk']}): set it "
-                "in the method config"
-            )
-        return {**spec, "for_rule": True, "compute": True}
-    return {
-        "kind": kind or "topk_tv",
-        "topk": topk or 20,
-        "sampled_token": sampled_token or "extra",
-        "for_rule": False,
-        "compute": bool(all_methods),
-    }
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -105,18 +74,16 @@ class CPPOTrainer(GRPOTrainer):
     ):
         if not isinstance(args, CPPOConfig):
             raise TypeError("CPPOTrainer needs a CPPOConfig")
-        rule = get_rule(args.method["rule"])
-        self._rule = rule
         method = dict(args.method)
         if method.get("horizon") is None:
             # the padded response width: the constant of seq-mean-token-sum-norm and of CPPO's
             # padded position horizon
             method["horizon"] = args.max_completion_length
-        self._rule_cfg = rule.resolve(method)
+        self._rule = get_rule(method.pop("rule")).bind(method)
         try:
-            rule_keys = rule.metric_keys(self._rule_cfg)
+            rule_keys = self._rule.metric_keys()
         except Exception as err:  # e.g. a plugin rule that needs more than a generic batch
-            logger.warning("rule %r: no key list from a probe batch (%s)", rule.name, err)
+            logger.warning("rule %r: no key list from a probe batch (%s)", self._rule.name, err)
             rule_keys = []
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
@@ -131,20 +98,14 @@ class CPPOTrainer(GRPOTrainer):
         )
         if self.tools or self.rollout_func is not None or self._is_vlm:
             raise NotImplementedError("CPPOTrainer supports single-turn text rollouts only")
-        self._div = resolve_divergence(
-            self._rule,
-            self._rule_cfg,
-            kind=args.divergence_kind,
-            topk=args.divergence_topk,
-            sampled_token=args.divergence_sampled_token,
-            all_methods=args.divergence_all_methods,
-        )
+        diagnostic = {
+            "kind": args.divergence_kind,
+            "topk": args.divergence_topk,
+            "sampled_token": args.divergence_sampled_token,
+        }
+        self._div = divergence_plan(self._rule, diagnostic, args.divergence_all_methods)
         # mu's top-K is needed when a Top-K divergence is computed (for the rule or diagnostics)
-        self._topk = (
-            self._div["topk"]
-            if self._div["compute"] and self._div["kind"].startswith("topk")
-            else 0
-        )
+        self._topk = self._div.topk if self._div.needs_topk else 0
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._head = HeadCapture(
             base, head_spec_for(base, self.temperature, args.cast_lm_head_to_fp32)
@@ -160,7 +121,7 @@ class CPPOTrainer(GRPOTrainer):
             self.accelerator.device,
             args.deviation_bins,
             rule_keys,
-            logs_divergence=self._div["compute"],
+            logs_divergence=self._div.compute,
         )
         self.add_callback(self._steps)
         for cb in (PrinterCallback, ProgressCallback):
@@ -388,10 +349,10 @@ class CPPOTrainer(GRPOTrainer):
             resp = resp & inputs["tool_mask"].bool()
         mu = inputs["mu_logps"]
         divergence = None
-        if self._div["compute"]:
+        if self._div.compute:
             with torch.no_grad():
                 divergence = compute_divergence(
-                    self._div["kind"],
+                    self._div.kind,
                     logp=logps.detach(),
                     logp_mu=mu,
                     response_mask=resp,
@@ -399,12 +360,12 @@ class CPPOTrainer(GRPOTrainer):
                     topk_logp_mu=inputs.get("mu_topk_logps"),
                     topk_ids=gather_ids,
                     token_ids=completion_ids,
-                    topk=self._div["topk"],
-                    sampled_token=self._div["sampled_token"],
+                    topk=self._div.topk,
+                    sampled_token=self._div.sampled_token,
                 )
         eligible = self._eligible(inputs)
         rows = eligible.any(dim=1).nonzero().squeeze(1)
-        cfg = self._rule_cfg
+        cfg = self._rule.cfg
         mode = cfg["loss_agg_mode"]
         out = None
         if rows.numel():
@@ -413,10 +374,10 @@ class CPPOTrainer(GRPOTrainer):
                 logp_mu=mu[rows],
                 advantages=inputs["advantages"][rows],
                 response_mask=eligible[rows],
-                divergence=divergence[rows] if self._div["for_rule"] else None,
+                divergence=divergence[rows] if self._div.for_rule else None,
                 seed=self._rule_seed(),
             )
-            out = self._rule(batch, cfg)
+            out = self._rule(batch)
             norm = inputs["norm_tokens"] if mode == "token-mean" else inputs["norm_responses"]
             loss = aggregate_loss(
                 out.per_token_loss,

@@ -3,8 +3,8 @@
 Validation accuracy follows a fixed curve per method (so tables have known values); training
 records carry every contract key. FAKE_TRAIN_FAIL_AT=<step> makes the first attempt of each
 run exit with an error right after that step (a crash); the next attempt resumes from the last
-checkpoint like the real trainer. The rule of the run config must be registered (the plugin
-route of `cppo.pipeline.launch` is checked that way).
+checkpoint like the real trainer. With FAKE_TRAIN_CHECK_RULE the run config is loaded as the
+real train command loads it: its `imports` are imported and its rule must accept the method.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     cfg = yaml.safe_load(Path(a.config).read_text())
     if os.environ.get("FAKE_TRAIN_CHECK_RULE"):
-        from cppo.rules import get_rule
+        from cppo.run.config import load_run_config
 
-        get_rule(cfg["method"]["rule"])  # raises if the plugin module was not imported
+        load_run_config(a.config)  # raises if a plugin module is missing or the rule refuses
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     sched, val = cfg["schedule"], cfg["validation"]

@@ -7,9 +7,11 @@ expects ``(loss, metrics)``. With ``algorithm.rollout_correction.bypass_mode=tru
 trainer passes the rollout engine's log-probs as ``old_log_prob``: mu, the anchor of every rule
 here (run.yaml ``anchor: rollout``); otherwise a recomputed old policy (``anchor: recomputed``).
 
-The rule and its parameters come from run.yaml's ``method`` block, written to a JSON file whose
-path reaches the loss through ``config.policy_loss.method_file`` (verl's loss config is a frozen
-dataclass: ``cppo.backends.verl.plugin.CPPOPolicyLossConfig`` adds that one field). Aggregation
+The rule and its parameters come from run.yaml's ``method`` block, written with the run's
+``imports`` (rules registered outside this package) and ``seed`` to a JSON file whose path
+reaches the loss through ``config.policy_loss.method_file`` (verl's loss config is a frozen
+dataclass: ``cppo.backends.verl.plugin.CPPOPolicyLossConfig`` adds that one field); each worker
+reads it once, imports the modules and binds the rule. Aggregation
 is verl's ``agg_loss`` with ``config.global_batch_info``: the data-parallel size and the
 mini-batch's global token and sequence counts, the normalisers of the project's trainer
 (``aggregate_loss(..., normalizer=global count / processes)``).
@@ -17,18 +19,31 @@ mini-batch's global token and sequence counts, the normalisers of the project's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from cppo.divergence import compute_divergence
-from cppo.rules import RuleBatch, get_rule, metrics_to_floats
+from cppo.rules import BoundRule, RuleBatch, metrics_to_floats
+from cppo.run.config import method_rule
 
-__all__ = ["load_method", "policy_loss", "rule_loss", "topk_divergence_of", "verl_agg_loss"]
+__all__ = [
+    "MethodFile",
+    "batch_seed",
+    "load_method",
+    "policy_loss",
+    "rule_loss",
+    "topk_refusal",
+    "verl_agg_loss",
+    "write_method_file",
+]
 
 Aggregate = Callable[..., Tensor]
 
@@ -76,16 +91,38 @@ def verl_agg_loss(
     return loss
 
 
-def topk_divergence_of(method: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The divergence a method block (run.yaml's ``method``) asks for when it is a Top-K one,
-    which this backend cannot compute yet (README, "verl backend"); None otherwise."""
-    cfg = dict(method)
-    spec = get_rule(cfg.pop("rule")).divergence(cfg)
-    return spec if spec is not None and spec["kind"].startswith("topk") else None
+def topk_refusal(rule: BoundRule) -> str | None:
+    """Why verl cannot run ``rule`` yet, or None: a Top-K divergence needs pi's log-probs at mu's
+    top-K ids inside verl's forward pass, which this backend does not wire (README, "verl
+    backend")."""
+    if not rule.needs_topk:
+        return None
+    spec = rule.divergence
+    return (
+        f"rule {rule.name!r} reads {spec['kind']} (K={spec['topk']}), which needs pi's "
+        "log-probs at mu's top-K ids inside verl's forward pass; this backend does not wire "
+        "it yet: give the method a sampled-token divergence (binary_tv, binary_kl, k3, "
+        "abs_log_ratio) to run it on verl"
+    )
+
+
+def batch_seed(seed: int, *tensors: Tensor) -> int:
+    """A seed for one micro-batch, from the run's seed and the batch's contents.
+
+    verl passes the loss no step counter; a rule that draws random numbers (CPPO's shuffled
+    weights) needs one that changes from batch to batch. This one is deterministic (a resume
+    that recomputes a batch draws the same numbers) and differs between micro-batches, steps
+    and data-parallel ranks whenever their tensors differ. One host copy per micro-batch, only
+    for such rules.
+    """
+    h = hashlib.blake2b(str(int(seed)).encode(), digest_size=8)
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") % (2**31 - 1)
 
 
 def rule_loss(
-    method: Mapping[str, Any],
+    rule: BoundRule,
     *,
     old_log_prob: Tensor,
     log_prob: Tensor,
@@ -97,49 +134,60 @@ def rule_loss(
     aggregate: Aggregate = verl_agg_loss,
     seed: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """One micro-batch's loss under ``method`` (run.yaml's method block) and its diagnostics.
+    """One micro-batch's loss under ``rule`` (run.yaml's method block, bound) and its
+    diagnostics.
 
     ``divergence`` is the per-token D of a Top-K rule (``cppo.backends.verl.topk``); a rule
     asking for a sampled-token estimator (binary_tv, binary_kl, k3, abs_log_ratio) gets it
     computed here from the two log-probs. verl's IS weights, when given, multiply the
     advantages (a positive per-token factor leaves every mask decision as it is).
     """
-    cfg = dict(method)
-    rule = get_rule(cfg.pop("rule"))
-    resolved = rule.resolve(cfg)
     mask = response_mask.bool()
     adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights.detach()
-    spec = rule.divergence(cfg)
+    spec = rule.divergence
     if spec is not None and divergence is None:
-        if topk_divergence_of(method) is not None:
-            raise ValueError(
-                f"rule {rule.name!r} reads {spec['kind']} (K={spec['topk']}): on verl the Top-K "
-                "divergence needs pi's log-probs at mu's top-K ids inside the engine's forward "
-                "(cppo.backends.verl.topk; not wired into verl's engine yet, README 'verl "
-                "backend'); give the method a sampled-token divergence (binary_tv, binary_kl, "
-                "k3, abs_log_ratio) to run it on verl"
-            )
+        refusal = topk_refusal(rule)
+        if refusal is not None:
+            raise ValueError(refusal)
         with torch.no_grad():
             divergence = compute_divergence(
                 spec["kind"], logp=log_prob.detach(), logp_mu=old_log_prob, response_mask=mask
             )
     batch = RuleBatch(log_prob, old_log_prob, adv, mask, divergence=divergence, seed=seed)
-    out = rule(batch, resolved)
+    out = rule(batch)
+    cfg = rule.cfg
     info = dict(global_batch_info or {})
-    if resolved["loss_agg_mode"] == "seq-mean-token-sum-norm" and resolved["horizon"]:
-        info["loss_scale_factor"] = resolved["horizon"]
-    loss = aggregate(out.per_token_loss, mask, resolved["loss_agg_mode"], **info)
+    if cfg["loss_agg_mode"] == "seq-mean-token-sum-norm" and cfg["horizon"]:
+        info["loss_scale_factor"] = cfg["horizon"]
+    loss = aggregate(out.per_token_loss, mask, cfg["loss_agg_mode"], **info)
     return loss, metrics_to_floats(out.metrics)
 
 
+@dataclass(frozen=True)
+class MethodFile:
+    """What the loss reads from the method file: the bound rule and the run's seed."""
+
+    rule: BoundRule
+    seed: int
+
+
+def write_method_file(cfg: Mapping[str, Any], path: str | Path) -> Path:
+    """run.yaml's method block, plugin imports and seed as the JSON the loss reads."""
+    path = Path(path)
+    data = {"imports": list(cfg["imports"]), "seed": cfg["seed"], "method": cfg["method"]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
 @lru_cache(maxsize=8)
-def load_method(path: str) -> dict[str, Any]:
-    """run.yaml's method block, from the JSON file the train command wrote (read once)."""
+def load_method(path: str) -> MethodFile:
+    """The method file the train command wrote (read, imported and bound once per process)."""
     with open(path) as fh:
-        method = json.load(fh)
-    if not isinstance(method, dict) or "rule" not in method:
-        raise ValueError(f"{path}: expected a JSON object with a 'rule' key")
-    return method
+        data = json.load(fh)
+    if not isinstance(data, dict) or not isinstance(data.get("method"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'method' block")
+    cfg = {"imports": data.get("imports", []), "method": data["method"]}
+    return MethodFile(rule=method_rule(cfg), seed=int(data.get("seed", 0)))
 
 
 def policy_loss(
@@ -162,14 +210,17 @@ def policy_loss(
             "CPPOPolicyLossConfig)"
         )
     method = load_method(path)
-    mode = method.get("loss_agg_mode", "token-mean")
+    mode = method.rule.cfg["loss_agg_mode"]
     if loss_agg_mode != mode:
         raise ValueError(
             f"actor.loss_agg_mode is {loss_agg_mode!r} but the method's is {mode!r} "
             f"({path}); the generated overrides keep them equal"
         )
+    seed = method.seed
+    if method.rule.draws_random:
+        seed = batch_seed(seed, old_log_prob, advantages, response_mask)
     return rule_loss(
-        method,
+        method.rule,
         old_log_prob=old_log_prob,
         log_prob=log_prob,
         advantages=advantages,
@@ -177,4 +228,5 @@ def policy_loss(
         global_batch_info=getattr(config, "global_batch_info", None),
         rollout_is_weights=rollout_is_weights,
         aggregate=aggregate,
+        seed=seed,
     )

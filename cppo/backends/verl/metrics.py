@@ -4,7 +4,7 @@ verl's file logger writes one JSON line ``{"step": iteration, "data": {name: val
 log call (training metrics once per iteration; validation at iteration 0 and every test_freq).
 A record here is keyed by optimizer step: iteration x updates_per_iter, the last optimizer
 step of the iteration, so selection, tables and figures read verl runs unchanged. The train
-record carries every key of the contract (``cppo.metrics_contract.TRAIN_KEYS``; null where verl
+record carries every key of the contract (``cppo.run.metrics.TRAIN_KEYS``; null where verl
 has no counterpart), the rule's own diagnostics under their names (verl prefixes them with
 ``actor/``), and every other verl metric under ``verl/<name>``. accuracy is (mean score + 1) / 2,
 exact for the +1 / -1 DAPO reward.
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cppo.metrics_contract import TRAIN_KEYS
+from cppo.run.metrics import TRAIN_KEYS
 
 __all__ = ["convert", "read_verl_log", "train_record", "validation_record"]
 

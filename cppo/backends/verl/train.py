@@ -31,10 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cppo.backends.verl.loss import topk_divergence_of
+from cppo.backends.verl.loss import topk_refusal, write_method_file
 from cppo.backends.verl.metrics import convert, read_verl_log
 from cppo.backends.verl.overrides import PLUGIN_MODULES, VerlSetupError, hydra_overrides
-from cppo.training.runconfig import load_run_config
+from cppo.run.config import RunConfigError, load_run_config, method_rule
+from cppo.run.directory import snapshot_dir, write_done
+from cppo.run.metrics import best_validation
 
 __all__ = ["main", "prepare", "refusals"]
 
@@ -47,13 +49,9 @@ def refusals(cfg: dict[str, Any]) -> list[str]:
     out = []
     if cfg["backend"] != "verl":
         out.append(f"backend: {cfg['backend']!r}; this command runs backend verl")
-    spec = topk_divergence_of(cfg["method"])
-    if spec is not None:
-        out.append(
-            f"method.divergence: {spec['kind']} needs pi's log-probs at mu's top-K ids inside "
-            "verl's forward pass, which this backend does not wire yet; use a sampled-token "
-            "divergence (binary_tv, binary_kl, k3, abs_log_ratio) for verl runs"
-        )
+    refusal = topk_refusal(method_rule(cfg))
+    if refusal is not None:
+        out.append(f"method.divergence: {refusal}")
     if cfg["rl"]["mask_std_0"]:
         out.append(
             "rl.mask_std_0: verl counts zero-variance groups in its loss normalisers; set it "
@@ -110,8 +108,7 @@ def prepare(cfg: dict[str, Any]) -> tuple[Path, list[str], int]:
     run_dir = Path(cfg["output_dir"]).resolve()
     state = run_dir / STATE
     state.mkdir(parents=True, exist_ok=True)
-    method_file = state / "method.json"
-    method_file.write_text(json.dumps(cfg["method"], indent=2) + "\n")
+    method_file = write_method_file(cfg, state / "method.json")
     train_file = state / "train.parquet"
     _write_parquet(_train_rows(cfg["train_data"]), train_file)
     val_files = []
@@ -132,13 +129,6 @@ def prepare(cfg: dict[str, Any]) -> tuple[Path, list[str], int]:
     return state, overrides, attempt
 
 
-def _rule_keys(cfg: dict[str, Any]) -> list[str]:
-    from cppo.rules import get_rule
-
-    method = dict(cfg["method"])
-    return get_rule(method.pop("rule")).metric_keys(method)
-
-
 def write_metrics(cfg: dict[str, Any], state: Path) -> list[dict[str, Any]]:
     files = sorted(
         state.glob("metrics-attempt-*.jsonl"), key=lambda p: int(p.stem.rsplit("-", 1)[1])
@@ -147,7 +137,7 @@ def write_metrics(cfg: dict[str, Any], state: Path) -> list[dict[str, Any]]:
         read_verl_log(files),
         updates_per_iter=cfg["schedule"]["updates_per_iter"],
         val_k=cfg["validation"]["k"],
-        rule_keys=_rule_keys(cfg),
+        rule_keys=method_rule(cfg).metric_keys(),
     )
     path = Path(cfg["output_dir"]) / "metrics.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
@@ -162,8 +152,6 @@ def export_checkpoints(cfg: dict[str, Any], records: list[dict[str, Any]]) -> li
     Face) and final/, as the project's trainer leaves them (snapshots: best). verl keeps every
     full checkpoint it saved unless trainer.max_actor_ckpt_to_keep says otherwise; the best is
     then taken among those kept."""
-    from cppo.pipeline.runs import best_validation
-
     run_dir = Path(cfg["output_dir"])
     upi = cfg["schedule"]["updates_per_iter"]
     saved = {
@@ -178,13 +166,13 @@ def export_checkpoints(cfg: dict[str, Any], records: list[dict[str, Any]]) -> li
     best = best_validation(kept, within)
     exported = sorted({max(saved), *([best["step"]] if best else [])})
     for step in exported:
-        target = run_dir / "snapshots" / f"step-{step}"
+        target = snapshot_dir(run_dir, step)
         if not target.exists():
             _merge(saved[step], target, cfg["verl"]["strategy"])
     final = run_dir / "final"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(run_dir / "snapshots" / f"step-{max(saved)}", final)
+    shutil.copytree(snapshot_dir(run_dir, max(saved)), final)
     return exported
 
 
@@ -202,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="run.yaml")
     parser.add_argument("--dry-run", action="store_true", help="prepare and print the overrides")
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.config)
+    try:
+        cfg = load_run_config(args.config)
+    except (RunConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     problems = refusals(cfg)
     if problems:
         print("verl cannot run " + args.config + ":\n" + "\n".join(f"  - {p}" for p in problems),
@@ -235,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": steps,
         "wall_time_s": round(time.monotonic() - start, 3),
     }
-    (Path(cfg["output_dir"]) / "DONE").write_text(json.dumps(done, indent=2) + "\n")
+    write_done(cfg["output_dir"], done)
     return 0
 
 

@@ -1,24 +1,30 @@
 """run.yaml: the one file that describes a training run; loading, defaults and validation.
 
-Every key the trainer understands is in run_schema.yaml with its type, range and default (no
+Every key a train command understands is in schema.yaml with its type, range and default (no
 default means required), checked with the project's one schema validator and error formatter
 (cppo.config_schema): unknown keys, wrong types and bad values raise `RunConfigError` naming the
-dotted key and, for typos, the closest valid key. `method` is free-form (the rule's own
-parameters, checked by the rule registry) except that it must name a rule in `method.rule`.
+dotted key and, for typos, the closest valid key. `method` is free-form in the schema: its rule
+(`method.rule`, registered by cppo.rules or by a module of `imports`) checks its parameters when
+the file is loaded, so both train commands (cppo.train, cppo.backends.verl.train) start only
+with a method their rule accepts.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cppo import config_schema
-from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES
+from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES, is_topk
+from cppo.rules import BoundRule, get_rule
 
-SCHEMA_PATH = Path(__file__).with_name("run_schema.yaml")
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
 
 class RunConfigError(ValueError):
@@ -104,7 +110,78 @@ def validate_run_config(raw: dict[str, Any]) -> dict[str, Any]:
         cfg["method_name"] = method["rule"]
     if cfg["run_name"] is None:
         cfg["run_name"] = default_run_name(cfg["model"], cfg["method_name"], cfg["seed"])
+    divergence_plan(method_rule(cfg), cfg["divergence"])  # the rule accepts its method block
     return cfg
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the modules of run.yaml's `imports` (rules registered outside this package, one
+    `@register_rule` each), in the process that trains: both train commands call this through
+    `method_rule`, and the verl loss in every worker (cppo.backends.verl.loss)."""
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise RunConfigError(f"run.yaml: imports[{i}]: cannot import {name!r}: {err}") from err
+
+
+def method_rule(cfg: Mapping[str, Any]) -> BoundRule:
+    """run.yaml's method block bound to its rule (config resolved once), after the plugin
+    imports; a rule that refuses the block raises RunConfigError naming it."""
+    import_plugins(list(cfg.get("imports") or []))
+    method = dict(cfg["method"])
+    try:
+        return get_rule(method.pop("rule")).bind(method)
+    except ValueError as err:
+        raise RunConfigError(f"run.yaml: method: {err}") from err
+
+
+@dataclass(frozen=True)
+class DivergencePlan:
+    """The per-token divergence D a run computes: the rule's own (fed to it), else run.yaml's
+    diagnostic `divergence` (logged only, for rules that read none)."""
+
+    kind: str
+    topk: int
+    sampled_token: str
+    for_rule: bool  # D goes into RuleBatch.divergence
+    compute: bool  # D is computed at all
+
+    @property
+    def needs_topk(self) -> bool:
+        """mu's top-K must be recorded at rollout time and pi's gathered in the loss."""
+        return self.compute and is_topk(self.kind)
+
+
+def divergence_plan(
+    rule: BoundRule, diagnostic: Mapping[str, Any] | None = None, all_methods: bool = True
+) -> DivergencePlan:
+    """Which D to compute: the rule's, or the diagnostic one (`kind`/`topk`/`sampled_token`,
+    null = topk_tv / 20 / extra). A diagnostic divergence given for a rule that reads its own
+    is refused, even when the two agree: the rule's method block is the one place to set it."""
+    given = {k: v for k, v in (diagnostic or {}).items() if v is not None}
+    own = rule.divergence
+    if own is not None:
+        if given:
+            raise RunConfigError(
+                "run.yaml: 'divergence' is the diagnostic divergence of rules that read none; "
+                f"method '{rule.name}' reads its own ({own['kind']}, K={own['topk']}): set it "
+                "in the method block"
+            )
+        return DivergencePlan(**own, for_rule=True, compute=True)
+    return DivergencePlan(
+        kind=given.get("kind", "topk_tv"),
+        topk=given.get("topk", 20),
+        sampled_token=given.get("sampled_token", "extra"),
+        for_rule=False,
+        compute=bool(all_methods),
+    )
+
+
+def with_run_defaults(keys: Mapping[str, Any]) -> dict[str, Any]:
+    """Some top-level run.yaml keys with the schema's default filled in for every optional key
+    they leave out: what a train command will use (the pipeline's resource check reads it)."""
+    return config_schema.fill_defaults(copy.deepcopy(dict(keys)), SCHEMA)
 
 
 def default_run_name(model: str, method: str, seed: int) -> str:
