@@ -42,6 +42,19 @@ localrules:
     all,
 
 
+# SIGTERM stops the running jobs at once (training resumes from its last checkpoint) instead of
+# Snakemake's wait for every running job; the message on exit says that no job failed.
+TERM = TermHandler()
+
+
+onstart:
+    TERM.install()
+
+
+onerror:
+    TERM.explain()
+
+
 # Included files cannot set the default target, so it lives here: every table and figure,
 # the Markdown summary, and the wandb publication when it is enabled.
 rule all:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -20,10 +21,62 @@ import jsonschema
 import yaml
 
 
+class YamlFileError(ValueError):
+    """A YAML file that does not parse; the message is one line: file:line:column: problem."""
+
+
+# YAML 1.2 reads 2e-5 and 1E3 as numbers; PyYAML follows YAML 1.1, which needs a dot in the
+# mantissa (2.0e-5) and reads 2e-5 as a string. The project's files, and strings of that form
+# where a schema expects a number, are read as YAML 1.2 does.
+YAML12_FLOAT = re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file (YAML 1.2 floats); a syntax error is YamlFileError naming file and line."""
+    try:
+        with Path(path).open() as fh:
+            return yaml.load(fh, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise YamlFileError(f"{where}: not valid YAML: {problem}") from None
+
+
 @cache
 def load_schema(path: str | Path) -> dict[str, Any]:
     with Path(path).open() as fh:
         return yaml.safe_load(fh)
+
+
+def yaml12_numbers(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any] | None = None):
+    """In place: strings such as '2e-5' (what a YAML 1.1 reader, e.g. Snakemake's, makes of
+    YAML 1.2 floats) become floats where the schema allows a number. Returns `instance`."""
+    root = schema if root is None else root
+    node = resolve_ref(schema, root)
+    if not isinstance(instance, dict):
+        return instance
+    props = node.get("properties", {})
+    extra = node.get("additionalProperties")
+    for key, value in instance.items():
+        sub = props.get(key, extra if isinstance(extra, Mapping) else None)
+        if sub is None:
+            continue
+        sub = resolve_ref(sub, root)
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if "number" in types and isinstance(value, str) and YAML12_FLOAT.match(value.strip()):
+            instance[key] = float(value.strip().replace("_", ""))
+        elif isinstance(value, dict):
+            yaml12_numbers(value, sub, root)
+    return instance
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

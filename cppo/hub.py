@@ -12,6 +12,7 @@ Only `huggingface_hub` is imported, and only on use, so the pipeline's light job
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,22 @@ def download_snapshot(hub_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id=hub_id, revision=revision))
 
 
+# what the hub accepts as a model id: "<owner>/<name>" (config/schema.yaml checks the same)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def resolve_model(model: str, revision: str | None, *, download: bool = True) -> ResolvedModel:
     """The directory to load `model` from: itself when it is a local directory, else the cached
     snapshot of hub id `model` at `revision` (downloaded when missing, unless `download` is
-    False or HF_HUB_OFFLINE is set)."""
+    False or HF_HUB_OFFLINE is set). A path that does not exist and cannot be a hub id is a
+    ValueError naming the missing directory (not a hub error about a repository name)."""
     local = Path(model)
+    if not local.is_dir() and (local.exists() or not HUB_ID.match(model)):
+        what = "is not a directory" if local.exists() else "does not exist"
+        raise ValueError(
+            f"model directory {model!r} {what} (and it is not a hub id '<owner>/<name>'); "
+            "build it first (for the toy models: the toy_warm_start step) or fix the path"
+        )
     if local.is_dir():
         if revision:
             raise ValueError(

@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cppo.hub import ModelNotCachedError
+    from cppo.run.directory import RunIntegrityError
     from cppo.training.run import run_training
 
     try:
         run_dir = run_training(cfg, progress=not ns.no_progress)
-    except (RunConfigError, ModelNotCachedError) as err:
+    except (RunConfigError, ModelNotCachedError, RunIntegrityError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"done: {run_dir}")

@@ -97,7 +97,8 @@ def write_run(
         (run_dir / f"checkpoint-{s}").mkdir(exist_ok=True)
     if final:
         (run_dir / "final").mkdir(exist_ok=True)
-    (run_dir / "DONE").write_text("{}")
+    steps = max((r["step"] for r in train), default=0)
+    (run_dir / "DONE").write_text(json.dumps({"steps": steps}))
 
 
 def train_recs(steps=range(1, 9), broken_from=None, **extra) -> list[dict]:
@@ -455,7 +456,7 @@ def test_select_checkpoints(tmp_path):
     ):
         directory.select_checkpoints(tmp_path / "run2", 6, "init")
     write_run(tmp_path / "run3", {2: (0.5, 0.5)}, train_recs(), final=False)
-    with pytest.raises(FileNotFoundError, match="final"):
+    with pytest.raises(directory.RunIntegrityError, match="final is missing"):
         directory.select_checkpoints(tmp_path / "run3", 6, "init")
 
 
@@ -533,6 +534,7 @@ def test_publish_to_wandb_offline(synth, tmp_path, monkeypatch):
     )
     assert json.loads(out.read_text())["id"] == info["id"]
     files = Path(info["dir"])
+    assert not files.is_absolute() and files.is_dir()  # relative: the results directory moves
     table1 = next(files.glob("media/table/tables/table1_*.table.json"))
     data = json.loads(table1.read_text())
     assert data["columns"] == aggregate.LONG_COLUMNS and len(data["data"]) == 6

@@ -51,7 +51,7 @@ def test_matrix_sizes():
         "paper": 28,
         "ablations": 30,
         "conventions": 12,
-        "ci": 7,
+        "ci": 8,
     }
 
 
@@ -335,7 +335,7 @@ def test_format_cli_args():
     assert format_cli_args({"path": "a b"}) == "--path 'a b'"
 
 
-def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
+def test_a_plugin_module_reaches_run_yaml_imports(tmp_path, monkeypatch):
     from cppo.rules import registry
 
     # the plugin registers into a copy of the registry, dropped after the test
@@ -344,7 +344,8 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
     (tmp_path / "plugin_rule_cfg.py").write_text(
         "from cppo.rules import register_rule, get_rule, available_rules\n"
         "if 'plugin_cfg_rule' not in available_rules():\n"
-        "    register_rule('plugin_cfg_rule')(get_rule('grpo').fn)\n"
+        "    register_rule('plugin_cfg_rule', params=dict(get_rule('grpo').params))(\n"
+        "        get_rule('grpo').fn)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = toy()
@@ -362,6 +363,41 @@ def test_plugin_module_goes_through_the_launcher(tmp_path, monkeypatch):
     assert plan.commands.train_command("toy-s-2up") == "python -m cppo.train"
     cfg["methods"]["plug"]["module"] = "no_such_module_here"
     assert any("methods.plug.module" in e for e in errors_of(cfg))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("out.keep = None", "RuleOutput.keep must be a tensor of shape (2, 3), got NoneType"),
+        ("out.per_token_loss = out.per_token_loss.detach()", "carries no gradient"),
+        ("out.weight = out.weight[:, :2]", "RuleOutput.weight must have the batch's shape"),
+        ("out.per_token_loss = out.per_token_loss * float('nan')", "is not finite"),
+        ("out.metrics['x'] = [1.0]", "RuleOutput.metrics['x'] must be a 0-dim tensor"),
+        ("raise KeyError('cap')", "fails on a probe batch (2 responses x 3 tokens): KeyError"),
+    ],
+)
+def test_a_rule_breaking_the_contract_stops_the_dry_run(tmp_path, monkeypatch, body, message):
+    # before, such a rule passed validate and the dry run and crashed hours into training,
+    # once groups had reward variance, naming no rule
+    from cppo.rules import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, "broken_rule_cfg", raising=False)
+    (tmp_path / "broken_rule_cfg.py").write_text(
+        "from cppo.rules import register_rule, get_rule\n"
+        "_grpo = get_rule('grpo')\n"
+        "@register_rule('broken', params=dict(_grpo.params))\n"
+        "def broken(batch, cfg):\n"
+        "    out = _grpo.fn(batch, cfg)\n"
+        f"    {body}\n"
+        "    return out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = toy()
+    cfg["methods"]["bad"] = {"rule": "broken", "module": "broken_rule_cfg"}
+    cfg["run"]["methods"] = ["grpo", "bad"]
+    errors = errors_of(cfg)
+    assert any(e.startswith("methods.bad.rule: ") and message in e for e in errors), errors
 
 
 def test_configs_take_their_methods_from_the_catalogue_and_override_by_key(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ EXPECTED = {
     },
     "ablations": {"train": 30, "figure": 8, "render_table": 4},
     "conventions": {"train": 12, "figure": 6, "render_table": 4},
-    "ci": {"train": 7, "evaluate": 7, "figure": 5, "render_table": 5},
+    "ci": {"train": 8, "evaluate": 8, "figure": 5, "render_table": 5},
 }
 
 
@@ -110,16 +111,19 @@ def test_slurm_profile_dry_run(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
-    # conda is not installed here; everything else of the profile is exercised
-    profile.pop("software-deployment-method")
-    prof_dir = tmp_path / "profile"
-    prof_dir.mkdir()
-    (prof_dir / "config.yaml").write_text(yaml.safe_dump(profile))
+    # the README's pip set-up has no conda: the profile as shipped asks for none
+    assert "software-deployment-method" not in profile
     proc = snakemake(
-        tmp_path, "-n", "--profile", str(prof_dir), configfiles=[ROOT / "config" / "paper.yaml"]
-    )
+        tmp_path, "-n", "--profile", str(ROOT / "profiles" / "slurm"),
+        configfiles=[ROOT / "config" / "paper.yaml"],
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    # the README's dry-run line states what this prints
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"--configfile config/paper.yaml\s+# (\d+) jobs, (\d+) trainings", readme)
+    counts = job_counts(out)
+    assert stated and (int(stated[1]), int(stated[2])) == (counts["total"], counts["train"])
     assert "gpu=8" in out and "slurm_partition=<GPU_PARTITION>" in out
     assert "runtime=2880" in out  # the training wall time from the config
     assert "accelerate launch --num_processes 8 --config_file" in out

@@ -24,7 +24,11 @@ import yaml
 from pipeline_helpers import FAKES, ROOT, SNAKEFILE, env, job_counts, snakemake
 
 CI = ROOT / "config" / "ci.yaml"
-LABELS = ["GRPO (clip-higher)", "CISPO", "MinPRO", "DPPO", "TRM-Max", "TRM-Avg", "CPPO"]
+METHODS = ["grpo", "cispo", "minpro", "dppo", "trm_max", "trm_avg", "cppo", "none"]
+LABELS = [
+    "GRPO (clip-higher)", "CISPO", "MinPRO", "DPPO", "TRM-Max", "TRM-Avg", "CPPO",
+    "no trust region",
+]  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +48,14 @@ def test_fake_dag_tables_figures_report(tmp_path):
     ok(snakemake(tmp_path, "--cores", "2", configfiles=[CI, fakes]))
     root = tmp_path / "results" / "ci"
     t1 = pd.read_csv(root / "tables" / "table1.csv")
-    assert len(t1) == 7 and set(t1.benchmark) == {"mean"}
-    assert t1.value.between(0, 100).all() and (t1.n_samples == 2 * 8).all()
+    assert len(t1) == 8 and set(t1.benchmark) == {"mean"}
+    assert t1.value.between(0, 100).all() and (t1.n_samples == 2 * 16).all()
     md = (root / "tables" / "table1.md").read_text()
     assert all(f"| {label} |" in md for label in LABELS)
     t4 = pd.read_csv(root / "tables" / "table4.csv")
-    assert len(t4) == 7 and set(t4.benchmark) == {"val"}
+    assert len(t4) == 8 and set(t4.benchmark) == {"val"}
     post = pd.read_csv(root / "tables" / "posthoc.csv")
-    assert len(post) == 7 and set(post.checkpoint) == {"best"} and set(post.benchmark) == {"test"}
+    assert len(post) == 8 and set(post.checkpoint) == {"best"} and set(post.benchmark) == {"test"}
     for name in ("stability", "binding"):
         assert "| toy-s Base | GRPO (clip-higher) |" in (root / "tables" / f"{name}.md").read_text()
     for name in (
@@ -78,6 +82,15 @@ def test_fake_dag_tables_figures_report(tmp_path):
     ok(snakemake(tmp_path, "--report", "report.html", configfiles=[CI, fakes]))
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert "fig4_validation" in html and "table1" in html
+    # as a reader sees it: the report's page, drawn by headless Chromium, is not blank
+    from test_table_rendering import CHROMIUM, check_screenshot, chromium
+
+    if CHROMIUM is not None:
+        png = tmp_path / "report.png"
+        url = (tmp_path / "report.html").as_uri()
+        proc = chromium(f"--screenshot={png}", "--window-size=1400,900", url, tmp_path=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        check_screenshot(png)
 
 
 def test_crashed_training_job_resumes(tmp_path):
@@ -124,6 +137,32 @@ def test_crashed_training_job_resumes(tmp_path):
     assert json.loads((run / "DONE").read_text())["resumed_from"] is None
 
 
+def test_sigterm_stops_the_running_trainings_and_says_no_job_failed(tmp_path):
+    # Snakemake alone would wait for every running training, then report that a job failed
+    fakes = overlay(tmp_path, "fakes", FAKES)
+    small = overlay(tmp_path, "small", {"run": {"methods": ["grpo", "cppo"]}})
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path),
+           "--cores", "2", "--configfile", str(CI), str(fakes), str(small)]  # fmt: skip
+    slow = env(FAKE_TRAIN_STEP_SLEEP="30")  # 6 steps: 3 minutes per training
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=slow, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    runs = tmp_path / "results/ci/runs/toy-s-base"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(runs.glob("*/seed0/metrics.jsonl"))) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert time.time() - started < 60, "the trainings ran on after SIGTERM"
+    assert proc.returncode != 0
+    assert "stopped on SIGTERM" in out and "no job failed" in out
+    assert not list(runs.glob("*/seed0/DONE"))
+    # the same command continues: the trainings resume and the DAG completes
+    ok(snakemake(tmp_path, "--cores", "2", configfiles=[CI, fakes, small]))
+    assert len(list(runs.glob("*/seed0/DONE"))) == 2
+
+
 def test_add_a_baseline_in_one_file_and_one_config_entry(tmp_path):
     pytest.importorskip("cppo.rules")
     fakes = overlay(tmp_path, "fakes", FAKES)
@@ -159,7 +198,17 @@ def test_add_a_baseline_in_one_file_and_one_config_entry(tmp_path):
     assert sorted(t1.method) == ["grpo", "mine"]
     assert "| My baseline |" in (root / "tables" / "table1.md").read_text()
     cfg = yaml.safe_load((root / "configs/toy-s-base/mine/seed0.yaml").read_text())
-    assert cfg["method"] == {"rule": "my_baseline", "loss_agg_mode": "token-mean", "horizon": 48}
+    assert cfg["method"] == {"rule": "my_baseline", "loss_agg_mode": "token-mean", "horizon": 72}
+    assert cfg["imports"] == ["my_baseline"] and len(cfg["rule_code"]) == 16
+    # the rule's code is an input of its runs: an edit of the file retrains this method only
+    proc = snakemake(tmp_path, "-n", configfiles=cfgs, environ=environ)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    with (tmp_path / "my_baseline.py").open("a") as fh:
+        fh.write("# tuned\n")
+    proc = snakemake(tmp_path, "-n", configfiles=cfgs, environ=environ)
+    ok(proc)
+    assert job_counts(proc.stdout)["train"] == 1
+    assert "results/ci/runs/toy-s-base/mine/seed0/DONE" in proc.stdout
 
 
 # --- the real packages -------------------------------------------------------------------------
@@ -186,10 +235,26 @@ def test_ci_config_runs_the_real_dag(tmp_path):
     ok(proc)
     root = tmp_path / "results" / "ci"
     t1 = pd.read_csv(root / "tables" / "table1.csv")
-    assert sorted(t1.method) == sorted(
-        ["grpo", "cispo", "minpro", "dppo", "trm_max", "trm_avg", "cppo"]
-    )
+    assert sorted(t1.method) == sorted(METHODS)
     assert t1.value.between(0, 100).all()
+    # the code under test acts: every run learns from groups with reward variance from its
+    # first step, gets a non-zero gradient, and every rule binds somewhere (its own measure)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for method in METHODS:
+        path = root / "runs" / "toy-s-base" / method / "seed0" / "metrics.jsonl"
+        train = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+        assert train[0]["groups/zero_std_fraction"] < 1.0, method
+        # the first update is on-policy (rho = 1): nothing is masked, the gradient is the
+        # advantage-weighted score and must not vanish
+        assert train[0]["grad_norm"] > 0, (method, [r["grad_norm"] for r in train])
+        binds = manifest["methods"][method]["binding"]
+        if binds is None:
+            assert method == "none"
+            continue
+        assert max(r[binds] or 0.0 for r in train) > 0, (method, binds)
+    binding = pd.read_csv(root / "tables" / "binding.csv")
+    assert set(binding[binding.metric == "binds"].method) == set(METHODS) - {"none"}
+    assert (binding[binding.metric == "binds"].value > 0).all()
     md = (root / "tables" / "table1.md").read_text()
     assert all(f"| {label} |" in md for label in LABELS)
     for name in ("fig4_validation", "diagnostics_toy-s-base", "fig7_prefix_budget"):

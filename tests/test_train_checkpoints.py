@@ -17,8 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from cppo.pipeline import jobs
 from cppo.run import directory as runs
 from cppo.run.config import RunConfigError, validate_run_config
+from cppo.training.checkpoints import CHECKPOINT_FILES as FILES
 from cppo.training.checkpoints import (
     CheckpointPolicy,
+    last_checkpoint,
+    missing_files,
     prune_to_best,
     rotate_checkpoints,
     snapshot_steps,
@@ -125,12 +128,40 @@ def no_time(records):
 # --- units -----------------------------------------------------------------------------------
 
 
+CHECKPOINT_FILES = (
+    "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+)  # fmt: skip
+
+
 def _fake_checkpoint(run_dir, step, complete=True):
     d = run_dir / f"checkpoint-{step}"
     d.mkdir(parents=True)
-    if complete:
-        (d / "trainer_state.json").write_text("{}")
+    for name in CHECKPOINT_FILES if complete else CHECKPOINT_FILES[:2]:
+        (d / name).write_text("{}")
     return d
+
+
+@pytest.mark.parametrize("lost", ["optimizer.pt", "model.safetensors", "scheduler.pt"])
+def test_a_checkpoint_missing_a_file_is_refused_and_the_previous_one_used(tmp_path, lost, caplog):
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 8)
+    (tmp_path / "checkpoint-8" / lost).unlink()
+    assert missing_files(tmp_path / "checkpoint-8") == [
+        next(" or ".join(n) for _, n in FILES if lost in n)
+    ]
+    with caplog.at_level("WARNING"):
+        assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert "checkpoint-8 lacks" in caplog.text and lost in caplog.text
+    assert "previous complete checkpoint" in caplog.text
+    # a save cut by a kill (no trainer_state.json yet) is passed over silently
+    caplog.clear()
+    (tmp_path / "checkpoint-8" / "trainer_state.json").unlink()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4" and "lacks" not in caplog.text
+    # DeepSpeed keeps its optimizer shards in global_step*/ instead of optimizer.pt
+    ds = _fake_checkpoint(tmp_path, 12)
+    (ds / "optimizer.pt").unlink()
+    (ds / "global_step12").mkdir()
+    assert missing_files(ds) == [] and last_checkpoint(tmp_path) == ds
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints_by_step(tmp_path):

@@ -170,6 +170,13 @@ def test_resume_refuses_a_different_config(assets, tmp_path):
     (tmp_path / "run").mkdir()
     other = dict(cfg, seed=1)
     dump_run_config(other, tmp_path / "run" / "config.resolved.yaml")
+    # a complete checkpoint ties the directory to its configuration (a directory without one,
+    # a failed start, takes the new configuration: tests/test_user_errors.py)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json"):  # fmt: skip
+        (ckpt / name).write_text("{}")
     with pytest.raises(RunConfigError, match=r"\['seed'\]"):
         run_training(cfg, progress=False)
 

@@ -10,11 +10,12 @@ from cppo.pipeline.aggregate import output_csvs
 from cppo.pipeline.commands import format_cli_args
 from cppo.pipeline.config import ConfigError
 from cppo.pipeline.figures import figure_specs
-from cppo.pipeline.jobs import write_json, write_yaml
+from cppo.pipeline.jobs import TermHandler, write_json, write_yaml
 from cppo.pipeline.plan import Plan
 from cppo.pipeline.resources import check as resource_check
 from cppo.pipeline.resources import format_report
 from cppo.pipeline.tables import TABLES, table_names
+from cppo.run.directory import integrity_problems
 
 try:
     PLAN = Plan(config)
@@ -32,6 +33,17 @@ if not RESOURCES.ok:
 
 R = PLAN.matrix.root
 PIPE = "python -m cppo.pipeline"
+
+# A finished run whose directory does not hold what its DONE marker says (a truncated or torn
+# metrics.jsonl, no final/) is named here, dry runs included; its select job refuses it.
+if workflow.is_main_process:
+    for _run in PLAN.matrix.runs:
+        for _problem in integrity_problems(PLAN.matrix.run_dir(*_run)):
+            print(
+                f"DAMAGED RUN {PLAN.matrix.run_dir(*_run)}: {_problem}; move or delete the "
+                "directory to train it again",
+                file=sys.stderr,
+            )
 
 # What the aggregate, plot and report steps read, and the tables and figures they make, named
 # by their owners (cppo.pipeline.tables.TABLES, cppo.pipeline.figures.figure_specs).

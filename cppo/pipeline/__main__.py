@@ -77,9 +77,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from cppo.pipeline.jobs import write_json
     from cppo.run.directory import select_checkpoints
 
-    sel = select_checkpoints(
-        args.run_dir, args.t_stop_steps, args.initial_model, args.initial_revision
-    )
+    try:
+        sel = select_checkpoints(
+            args.run_dir, args.t_stop_steps, args.initial_model, args.initial_revision
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"select: {err}", file=sys.stderr)
+        return 1
     write_json(sel, args.out)
     return 0
 
@@ -270,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--project", required=True)
     s.add_argument("--entity", default=None)
-    s.add_argument("--mode", choices=["online", "offline"], default="online")
+    s.add_argument("--mode", choices=["auto", "online", "offline"], default="auto")
     s.add_argument("--tag", action="append", default=[])
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_publish)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from cppo.pipeline.layout import expand_runs
+from cppo.run.directory import integrity_problems
 from cppo.run.metrics import VAL_MEAN, RunMetrics, best_validation, is_finite, read_metrics
 
 LONG_COLUMNS = ["model", "method", "seed", "benchmark", "step", "value", "n_samples"]
@@ -257,9 +259,12 @@ class RunReader:
                 metrics.validation, collapse["val_fraction"], collapse["consecutive"]
             ),
         ]
+        problems = integrity_problems(run["run_dir"])
+        for problem in problems:
+            print(f"aggregate: {run['run_dir']}: {problem} (not counted as done)", file=sys.stderr)
         return {
             **key,
-            "done": (Path(run["run_dir"]) / "DONE").exists(),
+            "done": (Path(run["run_dir"]) / "DONE").exists() and not problems,
             "last_step": metrics.last_step,
             "n_validations": len(metrics.validation),
             "best_step": None if best is None else int(best["step"]),

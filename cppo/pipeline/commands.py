@@ -24,8 +24,7 @@ from cppo.pipeline.matrix import RunMatrix
 # Rendezvous port of a multi-node job: offset by the SLURM job id so that two jobs sharing a
 # node never collide.
 MAIN_PROCESS_PORT_BASE = 29500
-# The verl backend's train command, and the Ray cluster it runs in on several nodes.
-VERL_TRAIN = "python -m cppo.backends.verl.train"
+# The Ray cluster the verl backend's train command runs in on several nodes.
 VERL_RAY_SLURM = "bash cppo/backends/verl/ray_slurm.sh"
 
 
@@ -125,9 +124,10 @@ class Commands:
         if model is not None and self.uses_verl(model):
             # verl starts its own workers (Ray); on several nodes the job's first node becomes
             # the Ray head and srun starts a worker on every other node
+            verl_train = self.command("verl_train")
             if self.nodes(model) > 1:
-                return f"{VERL_RAY_SLURM} {VERL_TRAIN}"
-            return VERL_TRAIN
+                return f"{VERL_RAY_SLURM} {verl_train}"
+            return verl_train
         cmd = self.cfg["commands"]["train"]
         launcher = cmd["launcher"]
         target = cmd["module"]

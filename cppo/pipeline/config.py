@@ -16,10 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cppo import config_schema
-from cppo.config_schema import deep_merge, fill_defaults
+from cppo.config_schema import YamlFileError, deep_merge, fill_defaults, load_yaml, yaml12_numbers
 from cppo.config_schema import suggest as _suggest
 from cppo.divergence import DIVERGENCE_KINDS
 
@@ -30,10 +28,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def load_schema() -> dict[str, Any]:
     """schema.yaml with its name lists taken from their owners: the divergence kinds
-    (cppo.divergence) and the trust-region keys a method can take from its model."""
+    (cppo.divergence), the toy model presets and SFT flavours (cppo/toy/presets.yaml) and the
+    trust-region keys a method can take from its model."""
+    from cppo.toy.presets import flavour_names, model_preset_names
+
     schema = config_schema.load_schema(SCHEMA_PATH)  # cached: filled once, idempotent
     defs = schema["$defs"]
     defs["divergence"]["properties"]["kind"]["enum"] = list(DIVERGENCE_KINDS)
+    model = schema["properties"]["models"]["additionalProperties"]["properties"]
+    model["toy"]["properties"]["preset"]["enum"] = model_preset_names()
+    model["toy"]["properties"]["flavour"]["enum"] = flavour_names()
     from_model = schema["properties"]["methods"]["additionalProperties"]["properties"]["from_model"]
     from_model["items"]["enum"] = list(defs["trust_region"]["properties"])
     return schema
@@ -75,12 +79,22 @@ class ConfigError(ValueError):
 
 
 def load_config(*paths: str | Path) -> dict[str, Any]:
-    """Read and merge YAML config files (later files win), without validating."""
+    """Read and merge YAML config files (later files win), without validating. A file that is
+    not valid YAML, or not a mapping, is a ConfigError naming it (and the line)."""
     cfg: dict[str, Any] = {}
     for path in paths:
-        with open(path) as fh:
-            cfg = deep_merge(cfg, yaml.safe_load(fh) or {})
+        data = _yaml_file(path)
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"{path}: a config file must hold a mapping of keys"])
+        cfg = deep_merge(cfg, data)
     return cfg
+
+
+def _yaml_file(path: str | Path) -> Any:
+    try:
+        return load_yaml(path) or {}
+    except YamlFileError as err:
+        raise ConfigError([str(err)]) from None
 
 
 def schema_errors(cfg: Any) -> list[str]:
@@ -410,8 +424,7 @@ def with_base_config(cfg: Mapping[str, Any], seen: tuple[str, ...] = ()) -> dict
         return dict(cfg)
     if path in seen:
         raise ConfigError([f"extends: {' -> '.join((*seen, path))} is a cycle"])
-    with _repo_file("extends", path).open() as fh:
-        base = yaml.safe_load(fh) or {}
+    base = _yaml_file(_repo_file("extends", path))
     if not isinstance(base, Mapping):
         raise ConfigError([f"extends: {path} must hold a mapping"])
     own = {k: v for k, v in cfg.items() if k != "extends"}
@@ -424,8 +437,7 @@ def with_method_catalogue(cfg: Mapping[str, Any]) -> dict[str, Any]:
     path = cfg.get("method_catalogue") if isinstance(cfg, Mapping) else None
     if not path:
         return dict(cfg)
-    with _repo_file("method_catalogue", path).open() as fh:
-        catalogue = yaml.safe_load(fh) or {}
+    catalogue = _yaml_file(_repo_file("method_catalogue", path))
     if not isinstance(catalogue, Mapping) or set(catalogue) != {"methods"}:
         raise ConfigError([f"method_catalogue: {path} must hold one top-level key, 'methods'"])
     out = dict(cfg)
@@ -436,6 +448,7 @@ def with_method_catalogue(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a raw config; returns the normalized config or raises ConfigError."""
     cfg = with_method_catalogue(with_base_config(cfg))
+    yaml12_numbers(cfg, load_schema())  # 2e-5 read as a string by a YAML 1.1 reader
     errors = schema_errors(cfg)
     if errors:
         raise ConfigError(errors)

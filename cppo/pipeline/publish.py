@@ -3,16 +3,45 @@
 One wandb run per results profile holds the tables (as wandb Tables), the figures (as images)
 and the validation curves (one line-series chart per model, one line per method and seed).
 Authentication is wandb's own (`wandb login` or WANDB_API_KEY); mode "offline" writes a local
-run that `wandb sync` can upload later.
+run that `wandb sync` can upload later, and mode "auto" (the default) is online once wandb has
+credentials and offline before, saying which.
 """
 
 from __future__ import annotations
 
 import json
+import netrc
+import os
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pandas as pd
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb can authenticate: WANDB_API_KEY, or the ~/.netrc entry `wandb login`
+    writes for the host of WANDB_BASE_URL (default api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """online / offline as asked; auto: WANDB_MODE when set, else online with credentials."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline"):
+        return os.environ["WANDB_MODE"]
+    chosen = "online" if wandb_credentials() else "offline"
+    why = "wandb has credentials" if chosen == "online" else "no wandb credentials (wandb login)"
+    print(f"publish: mode auto -> {chosen} ({why})", file=sys.stderr)
+    return chosen
 
 
 def publish(
@@ -29,6 +58,7 @@ def publish(
 ) -> dict[str, Any]:
     import wandb
 
+    mode = resolve_mode(mode)
     run = wandb.init(
         project=project,
         entity=entity,
@@ -79,7 +109,8 @@ def publish(
             "entity": entity,
             "id": run.id,
             "url": getattr(run, "url", None),
-            "dir": run.dir,
+            # relative to the working directory (the workflow's): the results travel
+            "dir": os.path.relpath(run.dir),
         }
     finally:
         run.finish()

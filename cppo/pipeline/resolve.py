@@ -17,7 +17,8 @@ from cppo.pipeline.config import (
     model_training,
 )
 from cppo.pipeline.matrix import RunMatrix
-from cppo.rules import BoundRule, get_rule
+from cppo.rules import BoundRule, RuleContractError, get_rule
+from cppo.rules.source import source_digest
 
 
 class RunResolver:
@@ -27,6 +28,7 @@ class RunResolver:
         self.matrix = matrix
         self.commands = commands
         self.cfg = matrix.cfg
+        self._rule_code: dict[str, str] = {}
 
     # --- steps and units ----------------------------------------------------------------------
     def schedule(self, model: str) -> dict[str, Any]:
@@ -70,6 +72,17 @@ class RunResolver:
             importlib.import_module(entry["module"])
         return get_rule(entry["rule"]).bind(self.method_params(model, method))
 
+    def rule_code(self, method: str) -> str:
+        """The digest of the method's rule's source and the project modules it imports
+        (cppo.rules.source; computed once per plan)."""
+        rule = self.cfg["methods"][method]["rule"]
+        if rule not in self._rule_code:
+            module = self.cfg["methods"][method]["module"]
+            if module:
+                importlib.import_module(module)
+            self._rule_code[rule] = source_digest(get_rule(rule).fn.__module__)
+        return self._rule_code[rule]
+
     def diagnostic_divergence(self, model: str, method: str) -> dict[str, Any] | None:
         """run.yaml `divergence`: for a rule that reads no divergence, the one the trainer
         computes and logs anyway (the config's training divergence); None for a rule that
@@ -80,7 +93,9 @@ class RunResolver:
         return {"kind": div["kind"], "topk": int(div.get("topk", 20))}
 
     def rule_errors(self) -> list[str]:
-        """Every run's method config checked by its rule (unknown keys, bad values)."""
+        """Every run's method checked by its rule: its module imports, the rule exists, the
+        rule accepts its params (unknown keys, bad values), and its output on a probe batch
+        keeps the RuleOutput contract (cppo.rules.registry.check_output)."""
         errors: list[str] = []
         methods = self.matrix.methods
         for name in methods:
@@ -99,7 +114,7 @@ class RunResolver:
                 continue
             for model in self.matrix.models:
                 try:
-                    rule.resolve(self.method_params(model, name))
+                    bound = rule.bind(self.method_params(model, name))
                 except ValueError as err:
                     where = f"methods.{name}.params (model {model})"
                     if (
@@ -108,6 +123,16 @@ class RunResolver:
                     ):
                         where += f" or models.{model}.method_overrides.{name}"
                     errors.append(f"{where}: {err}")
+                    continue
+                try:
+                    bound.check_contract()
+                except RuleContractError as err:
+                    errors.append(f"methods.{name}.rule: {err}")
+                except Exception as err:  # noqa: BLE001 (any failure of a rule's own code)
+                    errors.append(
+                        f"methods.{name}.rule: rule {rule_name!r} fails on a probe batch "
+                        f"(2 responses x 3 tokens): {type(err).__name__}: {err}"
+                    )
         return list(dict.fromkeys(errors))
 
     # --- run config ---------------------------------------------------------------------------
@@ -140,6 +165,8 @@ class RunResolver:
             cfg["imports"] = [module]
         cfg["method"] = {"rule": self.cfg["methods"][method]["rule"]}
         cfg["method"].update(self.method_params(model, method))
+        # the rule's source as an input of the run: an edit reruns the runs of this rule only
+        cfg["rule_code"] = self.rule_code(method)
         diagnostic = self.diagnostic_divergence(model, method)
         if diagnostic is not None:
             cfg["divergence"] = diagnostic

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import html
 import math
+import re
+import unicodedata
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,9 +131,189 @@ def summarize(
     return stats
 
 
+# The preamble a .tex table needs from the document that \input's it (its first line says so):
+# booktabs for the rules, graphicx for \resizebox. Nothing else: the text is ASCII (below).
+LATEX_PREAMBLE = r"\usepackage{booktabs,graphicx}"
+
+# The one mapping from a label's characters to LaTeX, applied character by character. It covers
+# LaTeX's special characters, those the default OT1 font encoding draws as other glyphs (< > |),
+# and the non-ASCII text of the tables and of config labels (Greek letters, math symbols, dashes,
+# quotes). A .tex table is then plain ASCII and compiles with pdflatex whatever the including
+# document's input and font encodings. Accented Latin letters become accent commands
+# (_latex_char); anything else is printed as "?" and named in a comment at the top of the file.
+LATEX_CHARS: dict[str, str] = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    # a cell (or a wrapped line) that starts with [ would be read as \\'s optional argument
+    "[": "{[}",
+    "]": "{]}",
+    "\u00a0": "~",
+    "–": "--",
+    "—": "---",
+    "‘": "`",
+    "’": "'",
+    "“": "``",
+    "”": "''",
+    "…": r"\ldots{}",
+    "ß": r"\ss{}",
+    "æ": r"\ae{}",
+    "Æ": r"\AE{}",
+    "œ": r"\oe{}",
+    "Œ": r"\OE{}",
+    "ø": r"\o{}",
+    "Ø": r"\O{}",
+    "ł": r"\l{}",
+    "Ł": r"\L{}",
+    "±": r"$\pm$",
+    "−": "$-$",
+    "×": r"$\times$",
+    "÷": r"$\div$",
+    "·": r"$\cdot$",
+    "°": r"$^\circ$",
+    "²": "$^2$",
+    "³": "$^3$",
+    "≈": r"$\approx$",
+    "∼": r"$\sim$",
+    "≤": r"$\le$",
+    "≥": r"$\ge$",
+    "≠": r"$\ne$",
+    "≪": r"$\ll$",
+    "≫": r"$\gg$",
+    "∞": r"$\infty$",
+    "∈": r"$\in$",
+    "∑": r"$\sum$",
+    "∏": r"$\prod$",
+    "√": r"$\surd$",
+    "∝": r"$\propto$",
+    "∇": r"$\nabla$",
+    "∂": r"$\partial$",
+    "→": r"$\rightarrow$",
+    "←": r"$\leftarrow$",
+    "↔": r"$\leftrightarrow$",
+    "⇒": r"$\Rightarrow$",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+    "α": r"$\alpha$",
+    "β": r"$\beta$",
+    "γ": r"$\gamma$",
+    "δ": r"$\delta$",
+    "ε": r"$\varepsilon$",
+    "ϵ": r"$\epsilon$",
+    "ζ": r"$\zeta$",
+    "η": r"$\eta$",
+    "θ": r"$\theta$",
+    "ι": r"$\iota$",
+    "κ": r"$\kappa$",
+    "λ": r"$\lambda$",
+    "μ": r"$\mu$",
+    "µ": r"$\mu$",
+    "ν": r"$\nu$",
+    "ξ": r"$\xi$",
+    "π": r"$\pi$",
+    "ρ": r"$\rho$",
+    "σ": r"$\sigma$",
+    "ς": r"$\varsigma$",
+    "τ": r"$\tau$",
+    "υ": r"$\upsilon$",
+    "φ": r"$\varphi$",
+    "ϕ": r"$\phi$",
+    "χ": r"$\chi$",
+    "ψ": r"$\psi$",
+    "ω": r"$\omega$",
+    "Γ": r"$\Gamma$",
+    "Δ": r"$\Delta$",
+    "Θ": r"$\Theta$",
+    "Λ": r"$\Lambda$",
+    "Ξ": r"$\Xi$",
+    "Π": r"$\Pi$",
+    "Σ": r"$\Sigma$",
+    "Υ": r"$\Upsilon$",
+    "Φ": r"$\Phi$",
+    "Ψ": r"$\Psi$",
+    "Ω": r"$\Omega$",
+}
+# combining mark (after Unicode NFD) -> LaTeX text accent command
+_LATEX_ACCENTS = {
+    "\u0300": "`",
+    "\u0301": "'",
+    "\u0302": "^",
+    "\u0303": "~",
+    "\u0304": "=",
+    "\u0306": "u",
+    "\u0307": ".",
+    "\u0308": '"',
+    "\u030a": "r",
+    "\u030b": "H",
+    "\u030c": "v",
+    "\u0327": "c",
+    "\u0328": "k",
+}
+# A LaTeX cell or header longer than this many characters is set on several lines (at spaces;
+# a value and its "± h" stay together), so that a column of numbers is as wide as its numbers,
+# not as its header or a cell's collapse note; label columns (left-aligned) wrap at the second.
+LATEX_WRAP = 16
+LATEX_WRAP_LABEL = 24
+
+
+def _latex_char(c: str, unmapped: set[str]) -> str:
+    if c in LATEX_CHARS:
+        return LATEX_CHARS[c]
+    if c.isascii():
+        return c
+    base, *marks = unicodedata.normalize("NFD", c)
+    if base.isascii() and marks and all(m in _LATEX_ACCENTS for m in marks):
+        out = base
+        for m in marks:
+            out = rf"\{_LATEX_ACCENTS[m]}{{{out}}}"
+        return out
+    unmapped.add(c)
+    return "?"
+
+
+def latex_escape(text: str, unmapped: set[str] | None = None) -> str:
+    """`text` as LaTeX (ASCII only): LATEX_CHARS, accents, and "?" for any other character
+    (added to `unmapped`)."""
+    unmapped = set() if unmapped is None else unmapped
+    return "".join(_latex_char(c, unmapped) for c in text)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Greedy word wrap at spaces; "x ± h" is never broken."""
+    lines: list[str] = []
+    for word in text.replace(" ± ", "\0±\0").split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return [line.replace("\0", " ") for line in lines]
+
+
+_TABLE_NUMBER = re.compile(r"^Table\s+\d+[A-Za-z]?\s*:\s*")
+
+
+def _markdown_cell(text: str) -> str:
+    """A pipe table's cell: its pipes escaped, nothing else changed."""
+    return text.replace("|", r"\|")
+
+
 @dataclass
 class Grid:
-    """A rendered table: header row, body rows of cell strings, which cells are bold."""
+    """A rendered table: header row, body rows of cell strings, which cells are bold.
+
+    The title is shown as written in Markdown and HTML; LaTeX numbers a caption itself, so the
+    LaTeX caption leaves out a leading "Table N:".
+    """
 
     title: str
     header: list[str]
@@ -141,10 +324,11 @@ class Grid:
 
     def markdown(self) -> str:
         def cell(text: str, b: bool) -> str:
+            text = _markdown_cell(text)
             return f"**{text}**" if b else text
 
         lines = [f"**{self.title}**", ""]
-        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("| " + " | ".join(_markdown_cell(h) for h in self.header) + " |")
         n_num = len(self.header) - self.n_label_cols
         lines.append("|" + "|".join(["---"] * self.n_label_cols + ["---:"] * n_num) + "|")
         for row, bold in zip(self.rows, self.bold, strict=True):
@@ -155,45 +339,82 @@ class Grid:
         return "\n".join(lines).rstrip() + "\n"
 
     def latex(self) -> str:
+        """A table float to include with \\input: ASCII only, needs LATEX_PREAMBLE; long cells
+        are set on several lines, and a table still wider than the line is scaled down to its
+        width (never up)."""
+        unmapped: set[str] = set()
+
         def esc(text: str) -> str:
-            for a, b in (
-                ("\\", r"\textbackslash{}"),
-                ("&", r"\&"),
-                ("%", r"\%"),
-                ("_", r"\_"),
-                ("#", r"\#"),
-                ("±", r"$\pm$"),
-                ("–", "--"),
-            ):
-                text = text.replace(a, b)
-            return text
+            return latex_escape(text, unmapped)
 
-        def cell(text: str, b: bool) -> str:
-            return rf"\textbf{{{esc(text)}}}" if b else esc(text)
+        def cell(text: str, align: str, b: bool = False, pos: str = "t") -> str:
+            width = LATEX_WRAP_LABEL if align == "l" else LATEX_WRAP
+            lines = [esc(line) for line in _wrap(text, width)]
+            if b:
+                lines = [rf"\textbf{{{line}}}" for line in lines]
+            if len(lines) == 1:
+                return lines[0]
+            return (
+                rf"\begin{{tabular}}[{pos}]{{@{{}}{align}@{{}}}}"
+                + r" \\ ".join(lines)
+                + r"\end{tabular}"
+            )
 
-        cols = "l" * self.n_label_cols + "r" * (len(self.header) - self.n_label_cols)
-        out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(self.title)}}}"]
-        out += [rf"\begin{{tabular}}{{{cols}}}", r"\toprule"]
-        out.append(" & ".join(esc(h) for h in self.header) + r" \\")
-        out.append(r"\midrule")
+        aligns = ["l"] * self.n_label_cols + ["r"] * (len(self.header) - self.n_label_cols)
+        body = [
+            " & ".join(cell(h, a, pos="b") for h, a in zip(self.header, aligns, strict=True))
+            + r" \\",
+            r"\midrule",
+        ]
         for row, bold in zip(self.rows, self.bold, strict=True):
-            out.append(" & ".join(cell(t, b) for t, b in zip(row, bold, strict=True)) + r" \\")
-        out += [r"\bottomrule", r"\end{tabular}"]
+            cells = (cell(t, a, b) for t, a, b in zip(row, aligns, bold, strict=True))
+            body.append(" & ".join(cells) + r" \\")
+        out = [r"\begin{table}[t]", r"\centering"]
+        out.append(rf"\caption{{{esc(_TABLE_NUMBER.sub('', self.title))}}}")
+        out += [
+            r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+            rf"\begin{{tabular}}{{{''.join(aligns)}}}",
+            r"\toprule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}}",
+        ]
         for note in self.notes:
             out.append(rf"\par\small {esc(note)}")
         out.append(r"\end{table}")
-        return "\n".join(out) + "\n"
+        head = [
+            f"% requires {LATEX_PREAMBLE} (booktabs: the rules; graphicx: \\resizebox, which "
+            "shrinks a table wider than the line to the line width)"
+        ]
+        if unmapped:
+            names = ", ".join(
+                f"U+{ord(c):04X} {unicodedata.name(c, '')}".rstrip() for c in sorted(unmapped)
+            )
+            head.append(f"% characters with no LaTeX mapping, printed as ?: {names}")
+            warnings.warn(
+                f"LaTeX table {self.title!r}: no LaTeX mapping for {names} (printed as ?); "
+                "add them to cppo.pipeline.tables.LATEX_CHARS",
+                stacklevel=2,
+            )
+        return "\n".join(head + out) + "\n"
 
     def html(self) -> str:
         def cell(text: str, b: bool) -> str:
             t = html.escape(text)
             return f"<td><b>{t}</b></td>" if b else f"<td>{t}</td>"
 
+        # label columns are left-aligned, numbers right-aligned (as in Markdown and LaTeX)
+        k = self.n_label_cols
+        labels = (
+            "td:first-child,th:first-child"
+            if k == 1
+            else f"td:nth-child(-n+{k}),th:nth-child(-n+{k})"
+        )
         out = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
             "<style>table{border-collapse:collapse;font-family:sans-serif}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-            "td:first-child,th:first-child{text-align:left}</style></head><body>",
+            f"{labels}{{text-align:left}}</style></head><body>",
             f"<h3>{html.escape(self.title)}</h3><table>",
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in self.header) + "</tr>",
         ]

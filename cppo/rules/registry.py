@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+import torch
 
 from cppo.divergence import DIVERGENCE_KINDS, SAMPLED_TOKEN_MODES, is_topk
 from cppo.rules.aggregation import AGGREGATION_MODES
@@ -34,6 +36,7 @@ __all__ = [
     "BoundRule",
     "Rule",
     "RuleConfigError",
+    "RuleContractError",
     "UnknownRuleError",
     "register_rule",
     "get_rule",
@@ -51,6 +54,10 @@ class UnknownRuleError(ValueError):
 
 class RuleConfigError(ValueError):
     """Raised when a rule config has an unknown key or a bad value."""
+
+
+class RuleContractError(ValueError):
+    """Raised when a rule's output breaks the contract of RuleOutput (see check_output)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,59 @@ class Rule:
         return f"Rule({self.name!r})"
 
 
+def check_output(name: str, out: Any, batch: RuleBatch, *, values: bool) -> None:
+    """The contract of a rule's output, checked on every call (types and shapes: no device sync)
+    and, with ``values``, on the values (one sync; the first call of a bound rule):
+
+    * ``per_token_loss``: a floating tensor of the batch's [B, T] shape that carries the
+      gradient of ``batch.logp`` (when that requires grad), finite on every real token whose
+      inputs are finite (a NaN log-prob from the model is the model's, not the rule's);
+    * ``keep``: a bool tensor of that shape; ``weight``: a floating tensor of that shape,
+      finite where the loss must be;
+    * ``metrics``: a mapping of names to one-element tensors or numbers.
+
+    Raises RuleContractError naming the rule and the field.
+    """
+
+    def fail(field_name: str, problem: str) -> None:
+        raise RuleContractError(f"rule {name!r}: RuleOutput.{field_name} {problem}")
+
+    if not isinstance(out, RuleOutput):
+        raise RuleContractError(
+            f"rule {name!r} returned {type(out).__name__}, expected cppo.rules.RuleOutput"
+        )
+    shape = tuple(batch.logp.shape)
+    for field_name, floating in (("per_token_loss", True), ("keep", False), ("weight", True)):
+        t = getattr(out, field_name)
+        if not torch.is_tensor(t):
+            fail(field_name, f"must be a tensor of shape {shape}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            fail(field_name, f"must have the batch's shape {shape}, got {tuple(t.shape)}")
+        if floating and not t.is_floating_point():
+            fail(field_name, f"must be a floating tensor, got {t.dtype}")
+        if not floating and t.dtype != torch.bool:
+            fail(field_name, f"must be a bool tensor, got {t.dtype}")
+    if batch.logp.requires_grad and not out.per_token_loss.requires_grad:
+        fail("per_token_loss", "carries no gradient of batch.logp (was it detached?)")
+    if not isinstance(out.metrics, Mapping):
+        fail("metrics", f"must be a mapping of names to 0-dim tensors, got {type(out.metrics)}")
+    for key, value in out.metrics.items():
+        if not isinstance(key, str):
+            fail("metrics", f"has a non-string key {key!r}")
+        if isinstance(value, bool) or not (
+            isinstance(value, int | float) or (torch.is_tensor(value) and value.numel() == 1)
+        ):
+            fail(f"metrics[{key!r}]", f"must be a 0-dim tensor or a number, got {value!r}")
+    if values:
+        with torch.no_grad():
+            mask = batch.mask & torch.isfinite(batch.logp) & torch.isfinite(batch.logp_mu)
+            mask &= torch.isfinite(batch.advantages_2d())
+        for field_name in ("per_token_loss", "weight"):
+            t = getattr(out, field_name).detach()
+            if not bool(torch.isfinite(t[mask]).all()):
+                fail(field_name, "is not finite on every real token with finite inputs")
+
+
 @dataclass(frozen=True)
 class BoundRule:
     """A rule and its resolved config: what a caller asks once per run, then the loss of each
@@ -212,6 +272,8 @@ class BoundRule:
     rule: Rule
     cfg: Mapping[str, Any]
     draws_random: bool = False
+    # whether the first call's values were checked (one device sync, then never again)
+    _values_checked: list[bool] = field(default_factory=lambda: [False], compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -237,27 +299,38 @@ class BoundRule:
         return self.rule.binding
 
     def metric_keys(self) -> list[str]:
-        """The diagnostic keys the rule reports (from one call on a tiny batch), so that a
-        caller can log every key at every step (null when the rule did not run)."""
-        import torch
-
+        """The diagnostic keys the rule reports (from one call on a tiny batch, whose output is
+        checked against the contract), so that a caller can log every key at every step (null
+        when the rule did not run)."""
         lq = torch.full((2, 3), -1.0)
         batch = RuleBatch(
-            lq + 0.1,
+            (lq + 0.1).requires_grad_(True),
             lq,
             torch.tensor([1.0, -1.0]),
             torch.ones(2, 3, dtype=torch.bool),
             divergence=torch.full((2, 3), 0.01),
         )
-        return sorted(self(batch).metrics)
+        return sorted(self._run(batch, values=True).metrics)
 
     def __call__(self, batch: RuleBatch) -> RuleOutput:
+        out = self._run(batch, values=not self._values_checked[0])
+        self._values_checked[0] = True
+        return out
+
+    def _run(self, batch: RuleBatch, *, values: bool) -> RuleOutput:
         if self.rule.needs_divergence and batch.divergence is None:
             raise ValueError(
                 f"rule {self.name!r} needs batch.divergence ({self.cfg['divergence']}, "
                 f"K={self.cfg['topk']})"
             )
-        return self.rule.fn(batch, dict(self.cfg))
+        out = self.rule.fn(batch, dict(self.cfg))
+        check_output(self.name, out, batch, values=values)
+        return out
+
+    def check_contract(self) -> list[str]:
+        """The rule's keys from one call on a tiny batch (the contract checked on its output),
+        as metric_keys; raises RuleContractError for an output that breaks it."""
+        return self.metric_keys()
 
 
 _REGISTRY: dict[str, Rule] = {}

@@ -69,6 +69,8 @@ def validate_run_config(raw: dict[str, Any]) -> dict[str, Any]:
         for old, new in RENAMED.items():
             if old in raw:
                 raise RunConfigError(f"run.yaml: '{old}' is now '{new}'")
+    if isinstance(raw, dict):
+        raw = config_schema.yaml12_numbers(copy.deepcopy(raw), SCHEMA)
     errors = config_schema.schema_errors(raw, SCHEMA)
     if errors:
         raise RunConfigError("run.yaml: " + "; ".join(errors))
@@ -192,8 +194,10 @@ def default_run_name(model: str, method: str, seed: int) -> str:
 
 def load_run_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a run.yaml file."""
-    with open(path) as fh:
-        raw = yaml.safe_load(fh)
+    try:
+        raw = config_schema.load_yaml(path)
+    except config_schema.YamlFileError as err:
+        raise RunConfigError(f"run.yaml: {err}") from None
     if raw is None:
         raise RunConfigError(f"run.yaml: {path} is empty")
     return validate_run_config(raw)

@@ -23,11 +23,61 @@ from cppo.run.metrics import VAL_MEAN, best_validation, read_metrics
 DONE = "DONE"
 
 
+class RunIntegrityError(ValueError):
+    """A finished run directory that does not hold what its DONE marker says."""
+
+
 def write_done(run_dir: str | Path, info: dict[str, Any]) -> Path:
-    """The completion marker, written last (after final/), so its presence means done."""
+    """The completion marker, written last (after final/ and the last metrics record), so its
+    presence means done; `steps` is the last optimizer step, which integrity_problems checks
+    metrics.jsonl against."""
     path = Path(run_dir) / DONE
     path.write_text(json.dumps(info, indent=2) + "\n")
     return path
+
+
+def integrity_problems(run_dir: str | Path) -> list[str]:
+    """What a run directory with a DONE marker lacks, one message each (empty: intact): a DONE
+    that is not a JSON object with `steps`, no final/, a metrics.jsonl that is missing, holds a
+    line that is not a JSON record (torn or edited), or ends before the step DONE names."""
+    run_dir = Path(run_dir)
+    done = run_dir / DONE
+    if not done.exists():
+        return []
+    try:
+        info = json.loads(done.read_text())
+        steps = int(info["steps"])
+    except (ValueError, KeyError, TypeError):
+        return [f"{done} is not the JSON marker the trainer writes (with 'steps')"]
+    problems = []
+    if not (run_dir / "final").is_dir():
+        problems.append(f"{run_dir / 'final'} is missing")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return [*problems, f"{metrics} is missing"]
+    last = 0
+    for i, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if rec.get("kind", "train") == "train":
+                last = max(last, int(rec["step"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{metrics}:{i} is not a complete JSON record")
+    if last < steps:
+        problems.append(f"{metrics} ends at train step {last}, but {DONE} says {steps}")
+    return problems
+
+
+def check_integrity(run_dir: str | Path) -> None:
+    """Raise RunIntegrityError naming the run, what is wrong and how to redo it."""
+    problems = integrity_problems(run_dir)
+    if problems:
+        raise RunIntegrityError(
+            f"finished run {run_dir} is damaged: {'; '.join(problems)}. Its results cannot be "
+            f"trusted: move or delete {run_dir} and rerun to train it again"
+        )
 
 
 SNAPSHOTS = "snapshots"
@@ -109,6 +159,7 @@ def select_checkpoints(
     its run.yaml `snapshot_best_within` matches `t_stop_steps`.
     """
     run_dir = Path(run_dir)
+    check_integrity(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     final_dir = run_dir / "final"
     last = metrics.last_step or 0

@@ -62,7 +62,8 @@ def _cmd_warm_start(a: argparse.Namespace) -> dict:
     from .warm_start import warm_start
 
     _set_threads(a.threads)
-    overrides = {"steps": a.steps} if a.steps else None
+    overrides = {"steps": a.steps, "slip_rate": a.slip_rate}
+    overrides = {k: v for k, v in overrides.items() if v is not None} or None
     rec = warm_start(
         a.model,
         a.data,
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     w.add_argument("--steps", type=int, help="override the flavour's number of steps")
+    w.add_argument(
+        "--slip-rate",
+        type=float,
+        help="override the per-step slip rate of every phase (sets the warm start's accuracy)",
+    )
     w.add_argument("--eval-k", type=int, default=0, help="also report toy Avg@k on val.jsonl")
     w.add_argument("--max-new-tokens", type=int, default=160)
     w.add_argument("--no-progress", action="store_true")

@@ -42,16 +42,50 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+# What a resumable checkpoint of this trainer holds: (what, the names any one of which will do).
+CHECKPOINT_FILES = (
+    ("trainer state", ("trainer_state.json",)),
+    ("model weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")),
+    ("optimizer state", ("optimizer.pt", "global_step*")),  # global_step*: DeepSpeed's shards
+    ("scheduler state", ("scheduler.pt",)),
+    ("RNG state", ("rng_state.pth", "rng_state_*.pth")),
+)
+
+
+def missing_files(checkpoint: Path) -> list[str]:
+    """The parts of a resumable checkpoint that `checkpoint` lacks, by file name (empty when it
+    is complete): a resume from it would start a fresh optimizer, scheduler or RNG, or fail."""
+    return [
+        " or ".join(names)
+        for _, names in CHECKPOINT_FILES
+        if not any(any(checkpoint.glob(name)) for name in names)
+    ]
+
+
 def is_complete(checkpoint: Path) -> bool:
-    # the trainer writes trainer_state.json last
-    return (checkpoint / "trainer_state.json").is_file()
+    return not missing_files(checkpoint)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint in run_dir."""
-    candidates = [p for p in run_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0]
-    complete = [p for p in candidates if is_complete(p)]
-    return max(complete, key=checkpoint_step) if complete else None
+    """The newest complete checkpoint in run_dir. One that lacks a file is passed over with a
+    warning naming the file (the previous complete one is used); one without its
+    trainer_state.json, which the trainer writes last, is a save cut by a kill."""
+    candidates = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for path in candidates:
+        missing = missing_files(path)
+        if not missing:
+            return path
+        if (path / "trainer_state.json").is_file():
+            log.warning(
+                "%s lacks %s: not resuming from it; the previous complete checkpoint is used",
+                path,
+                "; ".join(missing),
+            )
+    return None
 
 
 def rotate_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:

@@ -26,7 +26,7 @@ import yaml
 
 from cppo.hub import ResolvedModel, resolve_model
 from cppo.run.config import RunConfigError, dump_run_config
-from cppo.run.directory import DONE, write_done
+from cppo.run.directory import DONE, check_integrity, write_done
 from cppo.run.metrics import truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,20 @@ def run_training(
     run_dir = Path(cfg["output_dir"])
     state = PartialState()
     if (run_dir / DONE).exists():
+        check_integrity(run_dir)
         log.info("%s: already done", run_dir)
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_env(cfg, run_dir)
     resolved = run_dir / "config.resolved.yaml"
-    if resolved.exists():
+    checkpoint = last_checkpoint(run_dir)
+    resumable = checkpoint is not None
+    if resolved.exists() and resumable:
+        # only a checkpoint ties the directory to its configuration: a run that stopped before
+        # its first one (a failed start) starts afresh under the corrected run.yaml
         _check_resume_config(resolved, cfg)
     state.wait_for_everyone()
-    if state.is_main_process and not resolved.exists():
+    if state.is_main_process and not (resolved.exists() and resumable):
         dump_run_config(cfg, resolved)
 
     model = resolve_run_model(cfg)
@@ -143,7 +148,6 @@ def run_training(
         )
     args, plan = grpo_config_from_run(cfg, world_size=state.num_processes)
 
-    checkpoint = last_checkpoint(run_dir)
     if state.is_main_process:
         if checkpoint is not None:
             truncate_metrics(args.metrics_path, checkpoint_step(checkpoint))

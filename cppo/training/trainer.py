@@ -34,7 +34,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import RepeatSampler
 
 from cppo.divergence import compute_divergence
-from cppo.rules import RuleBatch, aggregate_loss, get_rule
+from cppo.rules import RuleBatch, RuleContractError, aggregate_loss, get_rule
 from cppo.run.config import divergence_plan
 from cppo.run.metrics import MetricsWriter
 from cppo.training.config import CPPOConfig
@@ -82,6 +82,8 @@ class CPPOTrainer(GRPOTrainer):
         self._rule = get_rule(method.pop("rule")).bind(method)
         try:
             rule_keys = self._rule.metric_keys()
+        except RuleContractError:
+            raise
         except Exception as err:  # e.g. a plugin rule that needs more than a generic batch
             logger.warning("rule %r: no key list from a probe batch (%s)", self._rule.name, err)
             rule_keys = []

@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--flavour")
     p.add_argument("--n-train", type=int, default=20)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--slip-rate", type=float)
+    p.add_argument("--difficulty")
     p.add_argument("--n-val", type=int, default=6)
     p.add_argument("--n-test", type=int, default=5)
     a = p.parse_args(argv)

@@ -3,7 +3,7 @@
 Validation accuracy follows a fixed curve per method (so tables have known values); training
 records carry every contract key. FAKE_TRAIN_FAIL_AT=<step> makes the first attempt of each
 run exit with an error right after that step (a crash); the next attempt resumes from the last
-checkpoint like the real trainer. With FAKE_TRAIN_CHECK_RULE the run config is loaded as the
+checkpoint like the real trainer. FAKE_TRAIN_STEP_SLEEP=<s> makes every step take that long. With FAKE_TRAIN_CHECK_RULE the run config is loaded as the
 real train command loads it: its `imports` are imported and its rule must accept the method.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def main(argv: list[str]) -> int:
 
     if start == 0:
         validate(0)
+    pause = float(os.environ.get("FAKE_TRAIN_STEP_SLEEP", "0"))
     for step in range(start + 1, total + 1):
+        time.sleep(pause)
         rec = {
             "kind": "train",
             "step": step,

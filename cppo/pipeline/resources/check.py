@@ -20,7 +20,12 @@ from cppo.pipeline.resources.cost_model import (
     Cost,
     cost,
 )
-from cppo.pipeline.resources.job import TrainingJob, gpu_training_models, training_job
+from cppo.pipeline.resources.job import (
+    TrainingJob,
+    gpu_training_models,
+    training_job,
+    verl_refused_methods,
+)
 from cppo.pipeline.resources.memory_model import (
     RESERVED_GIB,
     VLLM_RUNTIME_GIB,
@@ -84,14 +89,13 @@ def verl_refusals(plan: Plan, model: str) -> list[str]:
     """The runs of a verl model whose rule reads a Top-K divergence: the verl train command
     refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
     out = []
-    for method in plan.matrix.methods:
-        rule = plan.resolver.bound_rule(model, method)
-        if rule.needs_topk:
-            out.append(
-                f"models.{model} / methods.{method}: {rule.divergence['kind']} is not wired "
-                "into verl's forward pass yet; its verl runs stop at start (README, 'verl "
-                "backend')"
-            )
+    for method in verl_refused_methods(plan, model):
+        kind = plan.resolver.bound_rule(model, method).divergence["kind"]
+        out.append(
+            f"models.{model} / methods.{method}: {kind} is not wired into verl's forward pass "
+            "yet; its verl runs stop at start (README, 'verl backend') and are left out of the "
+            "runs, GPU-hours and disk above"
+        )
     return out
 
 
@@ -144,7 +148,7 @@ def format_report(report: Report) -> str:
                 f"{c.validation_s:.0f} x{c.validations}",
                 f"{c.wall_h:.0f}",
                 f"{c.gpu_h:,.0f}",
-                f"{j.runs}",
+                f"{j.runs}" + (f" (+{j.refused_runs} refused)" if j.refused_runs else ""),
                 f"{c.gpu_h * j.runs:,.0f}",
                 f"{j.runtime_min} x{c.attempts}",
                 f"{c.lost_s / 3600:.1f}",

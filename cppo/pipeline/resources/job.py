@@ -79,7 +79,8 @@ class TrainingJob:
     keep_checkpoints: int | None  # None: all
     snapshots: str  # all | best | none
     runtime_min: int
-    runs: int  # runs of this model in the matrix (methods x seeds)
+    runs: int  # runs of this model that will train (methods x seeds, less the refused)
+    refused_runs: int = 0  # runs whose train command refuses them at start (not costed)
     # verl: tokens per GPU per forward/backward pass (dynamic batch size) instead of
     # micro_batch x seq_len, and the config block its engine settings come from
     update_tokens: int | None = None
@@ -136,6 +137,7 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         )
     sched = plan.resolver.schedule(model)
     training = model_training(cfg, model)
+    refused = verl_refused_methods(plan, model) if training["backend"] == "verl" else []
     # training.extra holds run.yaml keys; the trainer's defaults for those it leaves out
     run = with_run_defaults(training["extra"])
     vllm: Mapping[str, Any] = run["vllm"]
@@ -174,11 +176,18 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         keep_checkpoints=None if keep == "all" else int(keep),
         snapshots=str(run["snapshots"]),
         runtime_min=int(res["runtime"]),
-        runs=len(plan.matrix.methods) * len(plan.matrix.seeds),
+        runs=(len(plan.matrix.methods) - len(refused)) * len(plan.matrix.seeds),
+        refused_runs=len(refused) * len(plan.matrix.seeds),
     )
     if training["backend"] == "verl":
         job = dataclasses.replace(job, **_verl_terms(training["verl"], sched))
     return job
+
+
+def verl_refused_methods(plan: Plan, model: str) -> list[str]:
+    """The methods of a verl model whose rule reads a Top-K divergence: the verl train command
+    refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
+    return [m for m in plan.matrix.methods if plan.resolver.bound_rule(model, m).needs_topk]
 
 
 def _verl_terms(verl: Mapping[str, Any], sched: Mapping[str, Any]) -> dict[str, Any]:
