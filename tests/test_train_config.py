@@ -90,7 +90,7 @@ def test_run_name_convention():
         ({"schedule": {"minibatch": 3}}, r"'schedule.prompts_per_iter' must equal"),
         ({"save_every": 3}, r"'save_every'.*multiple of schedule.updates_per_iter"),
         ({"bf16": True}, r"'bf16' must be false on CPU"),
-        ({"backend": "vllm"}, r"'backend: vllm' needs a GPU"),
+        ({"vllm": {"dtype": "fp8"}}, r"vllm.dtype: 'fp8' is not one of"),
         ({"validation": {"every": 5}}, r"'validation.benchmarks' is empty"),
         ({"schedule": {"top_p": 1.5}}, r"schedule.top_p: 1.5 is greater than the maximum of 1"),
     ],
@@ -98,6 +98,21 @@ def test_run_name_convention():
 def test_bad_values_name_the_key(over, message):
     with pytest.raises(RunConfigError, match=message):
         validate_run_config(minimal(**over))
+
+
+def test_vllm_runs_on_cpu_with_its_engine_options():
+    # vLLM's CPU build runs the engine on CPU (tests/test_vllm_cpu.py); the options reach the
+    # engine through CPPOConfig.vllm_engine
+    cfg = validate_run_config(minimal(backend="vllm", vllm={"dtype": "float32"}))
+    assert cfg["use_cpu"] and cfg["vllm"]["enable_chunked_prefill"] is None
+    args, _ = grpo_config_from_run(cfg)
+    assert args.use_vllm and args.vllm_engine == {
+        "dtype": "float32",
+        "enforce_eager": False,
+        "enable_chunked_prefill": None,
+        "max_num_batched_tokens": 4096,
+        "cpu_kvcache_space_gib": None,
+    }
 
 
 def test_method_needs_a_rule():

@@ -165,8 +165,6 @@ class Commands:
             for b in ev["benchmarks"]
         )
         backend = ev["backend"]
-        if self.cfg["models"][model]["source"] == "toy":
-            backend = "transformers"
         horizon = model_schedule(self.cfg, model)["max_completion_length"]
         opts: dict[str, Any] = {
             "k": ev["k"],

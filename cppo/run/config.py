@@ -102,8 +102,6 @@ def validate_run_config(raw: dict[str, Any]) -> dict[str, Any]:
         raise RunConfigError("run.yaml: 'validation.benchmarks' is empty but validation.every > 0")
     if val["max_new_tokens"] is None:
         val["max_new_tokens"] = sched["max_completion_length"]
-    if cfg["backend"] == "vllm" and cfg["use_cpu"]:
-        raise RunConfigError("run.yaml: 'backend: vllm' needs a GPU; set use_cpu: false")
     if cfg["bf16"] and cfg["use_cpu"]:
         raise RunConfigError(
             "run.yaml: 'bf16' must be false on CPU (use_cpu: true) for deterministic runs"

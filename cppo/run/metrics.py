@@ -43,6 +43,7 @@ TRAIN_KEYS = (
     "divergence/mean",
     "ratio/abs_dev_mean",
     "logprob/rel_error",
+    "logprob/engine_topk_tv",
     "groups/zero_std_fraction",
     "time/step_s",
     "throughput/tokens_per_s",

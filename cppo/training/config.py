@@ -17,6 +17,15 @@ from trl import GRPOConfig
 from cppo.divergence import DIVERGENCE_KINDS
 from cppo.training.schedule import BatchPlan, plan_batches
 
+# run.yaml `vllm` keys that configure the engine itself (cppo.training.engine.engine_kwargs)
+ENGINE_KEYS = (
+    "dtype",
+    "enforce_eager",
+    "enable_chunked_prefill",
+    "max_num_batched_tokens",
+    "cpu_kvcache_space_gib",
+)
+
 
 @dataclass
 class CPPOConfig(GRPOConfig):
@@ -75,6 +84,14 @@ class CPPOConfig(GRPOConfig):
     )
     metrics_file: str | None = field(
         default=None, metadata={"help": "metrics.jsonl path (default <output_dir>/metrics.jsonl)."}
+    )
+    vllm_engine: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Engine options of the colocated vLLM engine (run.yaml `vllm`: dtype, "
+            "enforce_eager, enable_chunked_prefill, max_num_batched_tokens, "
+            "cpu_kvcache_space_gib); see cppo.training.engine."
+        },
     )
 
     def __post_init__(self):
@@ -196,6 +213,7 @@ def grpo_config_from_run(
         vllm_max_model_length=vllm["max_model_length"],
         vllm_server_base_url=vllm["server_base_url"],
         vllm_importance_sampling_correction=False,
+        vllm_engine={k: vllm[k] for k in ENGINE_KEYS},
         ds3_gather_for_generation=True,
         # logging, checkpoints
         logging_strategy="steps",

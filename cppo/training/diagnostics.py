@@ -16,6 +16,10 @@ keys of the metrics contract (plus the optional deviation bins). Definitions:
   cppo/delta_b_eff = mean effective delta_b (CPPO only, else null).
 - logprob/rel_error: sum |log mu_engine - log mu_trainer| / sum |log mu_trainer| over response
   tokens when the rollout engine and the trainer both give log-probs (vLLM), else null.
+- logprob/engine_topk_tv: mean per response token of the Top-K TV between the engine's
+  distribution (its top-K, the rollout anchor) and the trainer's at the same positions and
+  weights, when the engine records mu's top-K (vLLM, anchor rollout, a Top-K divergence): the
+  rollout/training mismatch of the paper's Fig. 2 (a bf16 engine under an fp32 trainer).
 - every other diagnostic the rule reports (e.g. grpo/dual_clip_fraction, cispo/capped_fraction,
   trm/reject_fraction, cppo/prefix_share, outward/fraction), by its own name, averaged over
   the micro-steps weighted by their eligible tokens; the trainer's own keys above win.
@@ -61,6 +65,8 @@ _SUMS = (
     "eligible",
     "rel_err_num",
     "rel_err_den",
+    "engine_tv",
+    "engine_tokens",
     "processed_tokens",
 )
 
@@ -144,6 +150,9 @@ class StepAccumulator:
         if "trainer_logps" in inputs:
             self.add("rel_err_num", (inputs["engine_logps"] - inputs["trainer_logps"]).abs()[resp])
             self.add("rel_err_den", inputs["trainer_logps"].abs()[resp])
+        if "engine_topk_tv" in inputs:
+            self.add("engine_tv", inputs["engine_topk_tv"][resp])
+            self.add("engine_tokens", resp.sum())
         if self.deviation_bins:
             dev = (torch.exp(logps) - torch.exp(mu)).abs()[resp]
             lengths_resp = resp.sum(dim=1, keepdim=True).clamp(min=1)
@@ -176,6 +185,9 @@ class StepAccumulator:
         out["length/max"] = float(lmax) if tot["responses"] > 0 else None
         out["logprob/rel_error"] = (
             tot["rel_err_num"] / tot["rel_err_den"] if tot["rel_err_den"] > 0 else None
+        )
+        out["logprob/engine_topk_tv"] = (
+            tot["engine_tv"] / tot["engine_tokens"] if tot["engine_tokens"] > 0 else None
         )
         rule = self._reduce_rule(accelerator)
         for key in RULE_KEYS:

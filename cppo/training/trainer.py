@@ -39,6 +39,7 @@ from cppo.run.config import divergence_plan
 from cppo.run.metrics import MetricsWriter
 from cppo.training.config import CPPOConfig
 from cppo.training.diagnostics import StepLog
+from cppo.training.engine import EngineGeneration
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
 from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
@@ -89,15 +90,25 @@ class CPPOTrainer(GRPOTrainer):
             rule_keys = []
         if reward_funcs is None:
             reward_funcs = [DapoReward(processing_class)]
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        # GRPOTrainer would build TRL's engine; the project builds its own (cppo.training.engine:
+        # the run's engine options, a sync that also works on vLLM's CPU platform) right after
+        use_vllm, args.use_vllm = args.use_vllm, False
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                **kwargs,
+            )
+        finally:
+            args.use_vllm = use_vllm
+        if use_vllm:
+            self.use_vllm = True
+            self.vllm_generation = self._build_engine(args)
+            self._last_loaded_step = -1  # TRL's tag: weights synced for this step
         if self.tools or self.rollout_func is not None or self._is_vlm:
             raise NotImplementedError("CPPOTrainer supports single-turn text rollouts only")
         diagnostic = {
@@ -133,6 +144,40 @@ class CPPOTrainer(GRPOTrainer):
         # after the step log: a step's validation record follows its train record
         self._validation = InLoopValidation(self, validation_fn)
         self.add_callback(self._validation)
+
+    def _build_engine(self, args: CPPOConfig) -> EngineGeneration:
+        """The rollout engine, with the arguments GRPOTrainer gives TRL's (its batching: one
+        generation batch of this process per engine step) and the run's engine options."""
+        return EngineGeneration(
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=self.processing_class,
+            mode=args.vllm_mode,
+            structured_outputs_regex=args.vllm_structured_outputs_regex,
+            server_base_url=args.vllm_server_base_url,
+            server_host=args.vllm_server_host,
+            server_port=args.vllm_server_port,
+            group_port=args.vllm_group_port,
+            server_timeout=args.vllm_server_timeout,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            max_num_seqs=args.per_device_train_batch_size
+            * args.vllm_tensor_parallel_size
+            * args.steps_per_generation,
+            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            model_impl=args.vllm_model_impl,
+            trust_remote_code=args.trust_remote_code,
+            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_completion_length=self.max_completion_length,
+            logprobs=0,  # set below to mu's K when the engine records mu's top-K
+            generation_kwargs=args.generation_kwargs,
+            engine=args.vllm_engine,
+        )
 
     def _send_telemetry(self) -> None:
         # research runs stay offline: no usage ping to the hub from the trainer
@@ -213,6 +258,12 @@ class CPPOTrainer(GRPOTrainer):
             completion_ids, logprobs, token_ids, self.vllm_generation.logprobs
         )
         self._vllm_topk = topk
+        req = self._head_request
+        if req is not None and not req.topk:
+            # the recording forward also gathers the trainer's log-probs at the engine's top-K
+            # ids: the engine/trainer mismatch as a Top-K TV (logprob/engine_topk_tv)
+            width = max((len(c) for c in completion_ids), default=0)
+            req.gather_ids, _ = pad_topk(topk, width, self._topk, self.accelerator.device)
         return completion_ids, sampled
 
     def _generate_and_score_completions(self, inputs):
@@ -255,6 +306,19 @@ class CPPOTrainer(GRPOTrainer):
             if self._topk:
                 ids, lps = pad_topk(self._vllm_topk, width, self._topk, completion_ids.device)
                 out["mu_topk_ids"], out["mu_topk_logps"] = ids, lps
+                if req.logps is not None and req.logps.shape[:2] == ids.shape[:2]:
+                    out["engine_topk_tv"] = compute_divergence(
+                        "topk_tv",
+                        logp=trainer_logps,
+                        logp_mu=mu,
+                        response_mask=completion_mask.bool(),
+                        topk_logp=req.logps,
+                        topk_logp_mu=lps,
+                        topk_ids=ids,
+                        token_ids=completion_ids,
+                        topk=self._topk,
+                        sampled_token=self._div.sampled_token,
+                    )
         else:
             mu = trainer_logps
             if self._topk:
