@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -329,3 +330,27 @@ def test_a_new_rules_diagnostics_reach_metrics_jsonl(assets, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for rec in records:
         assert rec["probe/one"] == 1.0 and rec["probe/rows_with_tokens"] == 1.0
+
+
+def test_single_process_engines_started_together_get_different_ports(monkeypatch):
+    """Two trainings with a colocated engine that start at once (Snakemake runs them side by
+    side) each pick the engine's rendezvous port before either binds it. TRL's search hands
+    both 29500 when it is free; the trainer's engine takes a port the kernel assigns."""
+    from trl.trainer.utils import ensure_master_addr_port
+
+    from cppo.training.engine import engine_rendezvous
+
+    def port(fn) -> str:
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        fn()
+        return os.environ["MASTER_PORT"]
+
+    trl_ports = {port(ensure_master_addr_port) for _ in range(2)}
+    ours = [port(lambda: engine_rendezvous(1)) for _ in range(2)]
+    if trl_ports == {"29500"}:  # the collision (29500 free on this machine)
+        assert "29500" not in ours
+    assert ours[0] != ours[1]
+    # a launcher's port (several processes) is kept as it is
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    engine_rendezvous(4)
+    assert os.environ["MASTER_PORT"] == "31234"

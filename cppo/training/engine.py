@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 
 # TRL's fixed step budget (its comment: vLLM v1's memory profiler is misled by larger ones)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def engine_rendezvous(num_processes: int) -> None:
+    """MASTER_ADDR / MASTER_PORT for the engine's process group. A launcher's (several
+    processes) are kept. A single process takes a port the kernel assigns: TRL's default search
+    tries 29500 first and only checks that it is free, so two trainings that start together
+    (Snakemake runs them side by side) both take it and the second engine fails to bind."""
+    if num_processes == 1 and not os.environ.get("MASTER_PORT", "").strip():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    ensure_master_addr_port()
 
 
 def on_cpu_platform() -> bool:
@@ -98,7 +111,7 @@ class EngineGeneration(VLLMGeneration):
         os.environ["RANK"] = str(accelerator.process_index)
         os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-        ensure_master_addr_port()
+        engine_rendezvous(accelerator.num_processes)
         options = {**self.engine_options, "gpu_memory_utilization": self.gpu_memory_utilization}
         self.llm = LLM(
             model=self.model.name_or_path,
