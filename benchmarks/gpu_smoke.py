@@ -13,7 +13,15 @@ Checks, one output line each (``PASS`` / ``FAIL`` / ``SKIP <reason>`` then numbe
   per-response mean stays below delta_b / 4 (delta_b = 0.02, Table 3), i.e. numerical noise
   alone cannot consume the budget.
 - ``vllm_topk``: if vllm is importable, top-20 log-probs of a colocated engine against the
-  fp32 recomputation on the same tokens (mean |d log p| on the shared ids, Top-K TV).
+  fp32 recomputation on the same tokens (mean |d log p| on the shared ids, Top-K TV); and
+  ``vllm_prefill``: the cost of the verl backend's re-prefill (cppo.backends.verl.agent_loop),
+  one ``max_tokens 1`` pass over sequences of ``--prefill-tokens`` tokens with prompt log-probs
+  K = 20 against K = 0 and none (seconds, ratios; a measurement, it passes when it runs).
+- ``verl_topk``: if verl is importable, one Top-K update step of the tiny model through verl's
+  own FSDP engine ``forward_step`` with the project's Top-K loss (cppo.backends.verl.topk_loss:
+  the CPPO rule of config/paper.yaml's 30B-A3B column, K = 20, Qwen3's vocabulary), packed and
+  padded layouts; passes when both losses and every gradient are finite and the two losses
+  agree (rel 1e-4); prints the wall time and the peak memory of the step.
 
 Without ``--model`` the network is never touched: the tiny model is built here, with Qwen3's
 vocabulary size and an LM head scaled so its logits are as peaked as a trained model's (random
@@ -224,7 +232,82 @@ def vllm_topk(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             diffs.append(float((eng - ref_top).abs().mean()))
             p, q = eng.exp(), ref_top.exp()
             tvs.append(0.5 * float((p - q).abs().sum() + ((1 - p.sum()) - (1 - q.sum())).abs()))
-    return {"mean_abs_dlogp": sum(diffs) / len(diffs), "mean_topk_tv": sum(tvs) / len(tvs)}
+    return {
+        "mean_abs_dlogp": sum(diffs) / len(diffs),
+        "mean_topk_tv": sum(tvs) / len(tvs),
+        "prefill": prefill_cost(llm, args, vocab=ref_model.config.vocab_size),
+    }
+
+
+def prefill_cost(llm: Any, args: argparse.Namespace, vocab: int) -> dict[str, float]:
+    """Seconds of one max_tokens=1 pass over fresh sequences with prompt log-probs K = none, 0,
+    20 (fresh token ids per pass: nothing is served from the prefix cache)."""
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for label, k in (("warmup", None), ("none", None), ("k0", 0), ("k20", TOPK)):
+        prompts = [
+            {
+                "prompt_token_ids": torch.randint(
+                    10, vocab, (args.prefill_tokens,), generator=g
+                ).tolist()
+            }
+            for _ in range(args.sequences)
+        ]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        out[f"{label}_s"] = time.perf_counter() - start
+    del out["warmup_s"]
+    out["k20_over_k0"] = out["k20_s"] / out["k0_s"]
+    out["k20_over_none"] = out["k20_s"] / out["none_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------- verl Top-K
+def verl_topk(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+    from verl.workers.engine.fsdp import transformer_impl as ti
+
+    from cppo.backends.verl.probe import actor_config, fsdp_engine, micro_batch, topk_samples
+    from cppo.backends.verl.topk_loss import TopKPolicyLoss
+    from cppo.pipeline.config import load_config
+    from cppo.pipeline.plan import Plan
+    from cppo.run.config import validate_run_config
+
+    if not args.device.startswith("cuda"):  # verl's engine asks the platform for its device
+        ti.get_device_id = ti.get_device_name = lambda: "cpu"
+    root = Path(__file__).resolve().parents[1]
+    plan = Plan(load_config(root / "config" / "paper.yaml"))
+    run = validate_run_config(plan.resolver.run_config("Qwen3-30B-A3B-Base", "cppo", 0))
+    lengths = tuple((64 - 8 * i, args.tokens - 16 * i) for i in range(4))
+    out: dict[str, Any] = {"rows": sum(p + r for p, r in lengths)}
+    with tempfile.TemporaryDirectory() as tmp:
+        loss_fn = TopKPolicyLoss(actor_config(run, Path(tmp)))
+        for layout, packed in (("packed", True), ("padded", False)):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model = model.to(args.device)
+            samples = topk_samples(model, TOPK, lengths=lengths)
+            engine = fsdp_engine(model)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            loss, _ = engine.forward_step(micro_batch(samples, packed), loss_fn, False)
+            loss.backward()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                out[f"{layout}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out[f"{layout}_s"] = time.perf_counter() - start
+            out[f"{layout}_loss"] = float(loss.detach())
+            out[f"{layout}_finite_grads"] = all(
+                bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+            )
+            del model, engine, loss
+    return out
 
 
 # ------------------------------------------------------------------------------- driver
@@ -232,13 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--model", type=Path, default=None, help="real model dir for the noise floor")
-    p.add_argument("--checks", default="train_step,noise_floor,vllm_topk")
+    p.add_argument("--checks", default="train_step,noise_floor,vllm_topk,verl_topk")
     p.add_argument("--vocab-size", type=int, default=151_936)  # Qwen3
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--logit-std", type=float, default=4.0)
     p.add_argument("--sequences", type=int, default=16)
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--prefill-tokens", type=int, default=4096)
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = p.parse_args(argv)
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
@@ -284,8 +368,23 @@ def main(argv: list[str] | None = None) -> int:
                 r = vllm_topk(tiny, args)
                 ok = r["mean_topk_tv"] < DELTA_B / 4
                 failed |= not ok
-                line("vllm_topk", "PASS" if ok else "FAIL", **r)
+                line("vllm_topk", "PASS" if ok else "FAIL",
+                     **{k: v for k, v in r.items() if k != "prefill"})  # fmt: skip
+                line("vllm_prefill", "PASS", tokens=args.prefill_tokens, **r["prefill"])
                 report["vllm_topk"] = r
+        if "verl_topk" in checks:
+            if importlib.util.find_spec("verl") is None:
+                line("verl_topk", "SKIP", reason="verl not importable")
+            else:
+                r = verl_topk(tiny, args)
+                ok = (
+                    all(math.isfinite(r[f"{m}_loss"]) and r[f"{m}_finite_grads"]
+                        for m in ("packed", "padded"))
+                    and abs(r["packed_loss"] - r["padded_loss"]) <= 1e-4 * max(1.0, abs(r["padded_loss"]))
+                )  # fmt: skip
+                failed |= not ok
+                line("verl_topk", "PASS" if ok else "FAIL", **r)
+                report["verl_topk"] = r
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0

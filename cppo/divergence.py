@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GATHER_CHUNK_BYTES",
     "LOG_PROB_FLOOR",
     "DIVERGENCE_KINDS",
     "TOPK_KINDS",
@@ -67,6 +68,11 @@ DIVERGENCE_KINDS = ("binary_tv", "binary_kl", "topk_tv", "topk_kl", "k3", "abs_l
 # the kinds that need mu's top-K ids and log-probs (recorded at rollout) and pi's at those ids
 TOPK_KINDS = ("topk_tv", "topk_kl")
 SAMPLED_TOKEN_MODES = ("extra", "replace")
+# fp32 working memory of one chunk of rows when pi's log-probs at mu's top-K ids are gathered
+# from [tokens, V] logits (cppo.backends.verl.topk.log_probs_at: the row copy and logsumexp's
+# exp, 2 x 4 bytes per logit; 512 MiB is 441 rows of a 151,936-token vocabulary); the resource
+# check counts it
+GATHER_CHUNK_BYTES = 512 * 2**20
 _LN2 = math.log(2.0)
 
 

@@ -558,17 +558,21 @@ def test_multi_node_command_runs_one_launch_per_node(tmp_path):
 
 
 def test_runs_that_will_refuse_to_start_are_not_costed():
-    # the verl backend refuses the Top-K methods at start: they are named, not billed
-    plan = Plan(paper())
+    # verl on Megatron refuses the Top-K methods at start: they are named, not billed
+    cfg = paper()
+    cfg["models"][QWEN30B]["training"]["verl"]["strategy"] = "megatron"
+    plan = Plan(cfg)
     report = resources.check(plan, ROOT)
     big = next(r for r in report.rows if r.job.model == QWEN30B)
     refused = [m for m in plan.matrix.methods if plan.resolver.bound_rule(QWEN30B, m).needs_topk]
     assert refused and big.job.refused_runs == len(refused) * len(plan.matrix.seeds)
+    assert big.job.topk == 0  # no Top-K gather in the runs that will train
     assert big.job.runs == (len(plan.matrix.methods) - len(refused)) * len(plan.matrix.seeds)
     text = resources.format_report(report)
     total = sum(r.cost.gpu_h * r.job.runs for r in report.rows)
     assert f"total: {total:,.0f} GPU-hours" in text
     assert f"{big.job.runs} (+{big.job.refused_runs} refused)" in text
-    assert all(f"methods.{m}:" in text and "left out of the runs" in text for m in refused)
+    assert all(f"methods.{m}: verl.strategy:" in text and "left out of the runs" in text
+               for m in refused)  # fmt: skip
     # the other models train every method
     assert all(r.job.refused_runs == 0 for r in report.rows if r.job.model != QWEN30B)

@@ -1,6 +1,6 @@
 """The verl backend on CPU without verl: the loss adapter against the project's trainer loss
 (per-token loss, gradients, a simulated data-parallel size of 2), the Top-K route's maths against
-cppo.divergence, top-K extraction from fake vLLM outputs, the reward, the metrics converter, the
+cppo.divergence (chunked gather, padding, prefill gap), the reward, the metrics converter, the
 Hydra overrides of config/paper.yaml's 30B-A3B column, the train command's dry run and refusals,
 and the Ray-on-SLURM launch script with fake SLURM and Ray commands."""
 
@@ -16,12 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cppo.backends.verl.loss import rule_loss, verl_agg_loss
+from cppo.backends.verl.loss import rule_loss, verl_agg_loss, write_method_file
 from cppo.backends.verl.metrics import convert, read_verl_log
 from cppo.backends.verl.overrides import VerlSetupError, hydra_overrides
 from cppo.backends.verl.reward import compute_score
-from cppo.backends.verl.rollout import teacher_fields
-from cppo.backends.verl.topk import teacher_topk, topk_divergence
+from cppo.backends.verl.topk import (
+    chunk_rows,
+    log_probs_at,
+    prefill_gap,
+    teacher_topk,
+    topk_divergence,
+)
 from cppo.divergence import compute_divergence, full_tv
 from cppo.pipeline.config import load_config
 from cppo.pipeline.plan import Plan
@@ -133,13 +138,40 @@ def test_verl_aggregation_by_hand():
         verl_agg_loss(L, mask, "token-mean", dp_size=2)
 
 
-def test_a_topk_method_is_refused_with_the_reason():
+def test_a_topk_rule_without_its_divergence_stops_with_the_reason():
     lp, lq, adv, mask = padded_batch(0)
-    with pytest.raises(ValueError, match="sampled-token divergence"):
+    with pytest.raises(ValueError, match="no Top-K D reached the loss"):
         rule_loss(
             get_rule("cppo").bind(), old_log_prob=lq, log_prob=lp, advantages=adv,
             response_mask=mask,
         )  # fmt: skip
+
+
+def test_the_policy_loss_reads_the_divergence_passed_around_the_call(tmp_path):
+    """verl's ppo_loss calls the registered loss with a fixed signature; the Top-K loss hands
+    D over around that call, and the rule reads exactly it."""
+    from cppo.backends.verl.loss import current_divergence, passing_divergence, policy_loss
+
+    lp, lq, adv, mask = padded_batch(4)
+    method = {"rule": "dppo", "delta": 0.05, "divergence": "topk_tv", "topk": 3}
+    path = write_method_file({"imports": [], "seed": 0, "method": method}, tmp_path / "m.json")
+
+    class Config:  # the fields of verl's ActorConfig the loss reads
+        policy_loss = {"method_file": str(path)}
+        global_batch_info: dict = {}
+
+    D = torch.rand(lp.shape, generator=torch.Generator().manual_seed(2), dtype=F64) * 0.1
+    assert current_divergence() is None
+    with passing_divergence(D):
+        got, _ = policy_loss(lq, lp, adv, mask, "token-mean", Config())
+    assert current_divergence() is None
+    rule = get_rule("dppo").bind({k: v for k, v in method.items() if k != "rule"})
+    want, _ = rule_loss(rule, old_log_prob=lq, log_prob=lp, advantages=adv, response_mask=mask,
+                        divergence=D)  # fmt: skip
+    assert got.item() == want.item()
+    other, _ = rule_loss(rule, old_log_prob=lq, log_prob=lp, advantages=adv, response_mask=mask,
+                         divergence=D * 10)  # fmt: skip
+    assert other.item() != want.item()  # D decides which terms the rule keeps
 
 
 def test_a_rule_that_draws_random_numbers_gets_a_seed_per_batch(tmp_path):
@@ -188,6 +220,23 @@ def test_a_rule_that_draws_random_numbers_gets_a_seed_per_batch(tmp_path):
 # --- the Top-K route ---------------------------------------------------------------------------
 
 
+def test_log_probs_at_equals_a_full_log_softmax_for_any_chunk():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, 50, generator=g) * 4
+    ids = torch.randint(0, 50, (37, 5), generator=g)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, ids)
+    for rows in (1, 7, 36, 37, 100):
+        got = log_probs_at(logits, ids, rows)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    # bf16 logits are converted to fp32 a chunk at a time, as a full fp32 log-softmax would be
+    half = logits.bfloat16()
+    ref = torch.log_softmax(half.float(), -1).gather(-1, ids)
+    torch.testing.assert_close(log_probs_at(half, ids, 8), ref, rtol=0, atol=4e-6)
+    # the chunk follows the byte budget: 2 x 4 bytes per logit
+    assert chunk_rows(151_936) == 441 and chunk_rows(10**12) == 1
+
+
 def test_topk_divergence_from_logits_equals_cppo_divergence_padding_included():
     g = torch.Generator().manual_seed(1)
     B, T, V, K = 3, 5, 12, 4
@@ -203,9 +252,14 @@ def test_topk_divergence_from_logits_equals_cppo_divergence_padding_included():
     t_ids[0, 1, 2:], t_lps[0, 1, 2:] = 0, 0.0
     t_ids[2, 3:], t_lps[2, 3:] = 0, 0.0
     lq_tok = lq_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+
+    def pi_at(ids):
+        return log_probs_at(logits.reshape(B * T, V), ids.reshape(B * T, -1), 4).reshape(B, T, -1)
+
+    lp_tok = pi_at(tokens.unsqueeze(-1)).squeeze(-1)
     got = topk_divergence(
-        "topk_tv", logits=logits, token_ids=tokens, logp_mu=lq_tok, teacher_ids=t_ids,
-        teacher_logprobs=t_lps, response_mask=mask, topk=K,
+        "topk_tv", logp=lp_tok, logp_mu=lq_tok, pi_topk=pi_at(t_ids), teacher_ids=t_ids,
+        teacher_logprobs=t_lps, token_ids=tokens, response_mask=mask, topk=K,
     )  # fmt: skip
     # the same divergence from cppo.divergence, padding written as -inf (no mass)
     lp_full = torch.log_softmax(logits.float(), -1)
@@ -221,20 +275,21 @@ def test_topk_divergence_from_logits_equals_cppo_divergence_padding_included():
         token_ids=tokens,
         topk=K,
     )
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert got[2, 3:].abs().sum() == 0
     # a padded slot read as probability 1 would have changed the value
     raw = compute_divergence(
-        "topk_tv", logp=want.new_zeros(B, T) + lp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
+        "topk_tv", logp=lp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
         logp_mu=lq_tok, response_mask=mask, topk_logp=lp_full.gather(-1, t_ids.long()),
         topk_logp_mu=t_lps, topk_ids=t_ids.long(), token_ids=tokens, topk=K,
     )  # fmt: skip
-    assert not torch.equal(raw[0, 1], want[0, 1])
+    assert not torch.allclose(raw[0, 1], want[0, 1])
     # with K = V the Top-K partition is the whole vocabulary: the exact TV
     ids_all = lq_full.topk(V, dim=-1)
     exact = topk_divergence(
-        "topk_tv", logits=logits, token_ids=tokens, logp_mu=lq_tok, teacher_ids=ids_all.indices,
-        teacher_logprobs=ids_all.values.float(), response_mask=mask, topk=V,
+        "topk_tv", logp=lp_tok, logp_mu=lq_tok, pi_topk=pi_at(ids_all.indices),
+        teacher_ids=ids_all.indices, teacher_logprobs=ids_all.values.float(), token_ids=tokens,
+        response_mask=mask, topk=V,
     )  # fmt: skip
     torch.testing.assert_close(
         exact, full_tv(logits, logits_mu, mask).float(), rtol=1e-5, atol=1e-6
@@ -249,29 +304,21 @@ def test_teacher_topk_marks_padding_after_the_first_slot():
     assert out_ids.dtype == torch.long
 
 
-class Logprob:  # vLLM's per-token entry
-    def __init__(self, logprob: float):
-        self.logprob = logprob
-
-
-def test_teacher_fields_from_fake_vllm_outputs():
-    k = 3
-    tokens = [11, 4, 9]
-    positions = [
-        # sampled 11 outside the top-3: K + 1 entries
-        {1: Logprob(-0.1), 2: Logprob(-2.0), 3: Logprob(-3.0), 11: Logprob(-5.0)},
-        # sampled 4 inside the top-3
-        {4: Logprob(-0.2), 5: Logprob(-1.9), 6: Logprob(-4.0)},
-        # only two entries returned (tiny vocabulary): padded
-        {9: -0.01, 8: -4.6},
-    ]
-    sampled, ids, lps = teacher_fields(tokens, positions, k, pad_id=99)
-    assert sampled.tolist() == pytest.approx([-5.0, -0.2, -0.01])
-    assert ids.tolist() == [[1, 2, 3], [4, 5, 6], [9, 8, 99]]
-    want = torch.tensor([[-0.1, -2.0, -3.0], [-0.2, -1.9, -4.0], [-0.01, -4.6, 0.0]])
-    torch.testing.assert_close(lps, want)
-    with pytest.raises(ValueError, match="logprob entries"):
-        teacher_fields(tokens[:2], positions, k)
+def test_prefill_gap_by_hand():
+    # one response of 3 tokens: 7 is in the prefill's top-2 at -0.5 (decode said -0.7), 9 is
+    # not found, 4 is at -1.25 (decode -1.0); the 4th position is padding
+    ids = torch.tensor([[[7, 1], [2, 3], [5, 4], [4, 9]]])
+    lps = torch.tensor([[[-0.5, -1.0], [-0.1, -3.0], [-0.3, -1.25], [-0.2, -0.3]]])
+    tokens = torch.tensor([[7, 9, 4, 9]])
+    mu = torch.tensor([[-0.7, -2.0, -1.0, -0.3]])
+    mask = torch.tensor([[True, True, True, False]])
+    gap, coverage = prefill_gap(ids, lps, tokens, mu, mask)
+    assert gap == pytest.approx((0.2 + 0.25) / 2) and coverage == pytest.approx(2 / 3)
+    # a padded slot (0.0 after the first) holding the sampled id is not a hit
+    ids[0, 1, 1], lps[0, 1, 1] = 9, 0.0
+    assert prefill_gap(ids, lps, tokens, mu, mask)[1] == pytest.approx(2 / 3)
+    gap, coverage = prefill_gap(ids, lps, tokens, mu, torch.zeros_like(mask))
+    assert math.isnan(gap) and math.isnan(coverage)
 
 
 def test_compute_score_is_the_dapo_answer_line():
@@ -381,15 +428,49 @@ def test_overrides_refuse_schedules_verl_cannot_express():
     assert not any("fsdp_config" in k for k in o)
 
 
-def test_train_command_refuses_topk_methods_and_mask_std_0():
+PAPER_METHODS = ["grpo", "minpro", "cispo", "dppo", "trm_max", "trm_avg", "cppo"]
+
+
+def test_train_command_runs_every_paper_method_and_refuses_what_verl_cannot():
     from cppo.backends.verl.train import refusals
 
-    assert refusals(paper_run("grpo")) == []
-    (msg,) = refusals(paper_run("cppo"))
-    assert msg.startswith("method.divergence: rule 'cppo' reads topk_tv")
+    assert all(refusals(paper_run(m)) == [] for m in PAPER_METHODS)
     run = paper_run("grpo")
     run["rl"]["mask_std_0"] = True
     assert refusals(run)[0].startswith("rl.mask_std_0")
+    # a Top-K rule: FSDP only, anchored on the rollout, sampled at temperature 1
+    run = paper_run("cppo")
+    run["verl"]["strategy"] = "megatron"
+    run["anchor"] = "recomputed"
+    run["schedule"]["temperature"] = 0.7
+    msgs = refusals(run)
+    assert [m.split(":")[0] for m in msgs] == ["verl.strategy", "anchor", "schedule.temperature"]
+    assert "rule 'cppo' reads topk_tv (K=20)" in msgs[0] and "use strategy fsdp" in msgs[0]
+    # a sampled-token rule is not concerned
+    run = paper_run("grpo")
+    run["verl"]["strategy"], run["anchor"] = "megatron", "recomputed"
+    assert refusals(run) == []
+
+
+def test_overrides_pin_the_v1_trainer_and_route_topk_rules():
+    o = overrides_of(paper_run("grpo"))
+    # the legacy trainer would turn the loss into verl's bypass_mode loss
+    assert o["trainer.use_v1"] == "true"
+    assert "trainer.v1.trainer_mode" not in o  # verl's own sync trainer
+    env = "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"
+    assert o[env] == "cppo.backends.verl.plugin"
+    with pytest.raises(VerlSetupError, match="agent loop file"):
+        overrides_of(paper_run("cppo"))
+    lines = hydra_overrides(
+        paper_run("cppo"), method_file="/m.json", train_file="/t.parquet", val_files=["/a"],
+        checkpoint_dir="/ck", metrics_file="/log.jsonl", agent_loop_file="/loops.yaml",
+    )  # fmt: skip
+    o = dict(line.split("=", 1) for line in lines)
+    assert o["trainer.use_v1"] == "true" and o["trainer.v1.trainer_mode"] == "cppo_topk"
+    assert o["actor_rollout_ref.rollout.agent.agent_loop_config_path"] == "/loops.yaml"
+    assert o["actor_rollout_ref.model.use_fused_kernels"] == "false"
+    assert o["actor_rollout_ref.actor.fsdp_config.pad_to_length"] == "false"
+    assert o[env] == "'cppo.backends.verl.plugin,cppo.backends.verl.trainer'"  # one string
 
 
 def test_train_dry_run_writes_the_data_and_the_overrides(tmp_path):
@@ -425,12 +506,30 @@ def test_train_dry_run_writes_the_data_and_the_overrides(tmp_path):
     lines = (state / "overrides-attempt-1.txt").read_text().splitlines()
     assert f"data.train_files={state / 'train.parquet'}" in lines
     assert fixtures.is_dir()
-    run["method"] = {**run["method"], "rule": "dppo", "divergence": "topk_tv"}
-    run["method"].pop("dual_clip", None)
+    assert "agent_name" not in train.columns and not (state / "agent_loops.yaml").exists()
+    # a Top-K rule: its training rows name the Top-K agent loop, registered with its K
+    run.pop("divergence", None)  # grpo's diagnostic divergence; dppo reads its own
     cfg_file.write_text(
-        yaml.safe_dump({**run, "method": {"rule": "dppo", "divergence": "topk_tv"}})
+        yaml.safe_dump({**run, "method": {"rule": "dppo", "divergence": "topk_tv", "topk": 7}})
     )
+    assert main(["--config", str(cfg_file), "--dry-run"]) == 0
+    train = pd.read_parquet(state / "train.parquet")
+    assert train["agent_name"].tolist() == ["cppo_topk", "cppo_topk"]
+    assert "agent_name" not in pd.read_parquet(state / "val-val.parquet").columns
+    loops = yaml.safe_load((state / "agent_loops.yaml").read_text())
+    assert loops == [{"name": "cppo_topk", "topk": 7,
+                      "_target_": "cppo.backends.verl.agent_loop.TopKAgentLoop"}]  # fmt: skip
+    lines = (state / "overrides-attempt-1.txt").read_text().splitlines()  # a dry run: attempt 1
+    assert (
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={state / 'agent_loops.yaml'}"
+        in lines
+    )
+    # what verl cannot run stops before any file is written
+    (state / "agent_loops.yaml").unlink()
+    cfg_file.write_text(yaml.safe_dump({**run, "anchor": "recomputed",
+                                        "method": {"rule": "dppo", "divergence": "topk_tv"}}))  # fmt: skip
     assert main(["--config", str(cfg_file), "--dry-run"]) == 2
+    assert not (state / "agent_loops.yaml").exists()
 
 
 # --- the Ray cluster on SLURM ------------------------------------------------------------------
@@ -508,11 +607,13 @@ def test_resource_check_sizes_the_verl_job():
     a = job.arch
     assert mem.checkpoints == a.layers * a.hidden * 18432 * 2  # gradient checkpointing, bf16
     assert mem.engine_budget == pytest.approx(0.5 * job.gpu_mem_gib * resources.GIB)
+    # every paper method runs: the Top-K ones (K = 20) add the gather to the update pass
     report = resources.check(plan, ROOT)
-    assert report.ok
-    assert sorted(n.split(" / ")[1].split(":")[0] for n in report.notes) == [
-        "methods.cppo", "methods.dppo", "methods.trm_avg", "methods.trm_max",
-    ]  # fmt: skip
+    assert report.ok and report.notes == []
+    big = next(r for r in report.rows if r.job.model == "Qwen3-30B-A3B-Base")
+    assert big.job.runs == 7 and big.job.refused_runs == 0 and job.topk == 20
+    per_slot = 4 + 4 + 3 * 4 + 8 + 4  # mu's ids and log-probs, pi's 3 copies, padded mu fields
+    assert mem.parts["update"]["Top-K gather"] == 512 * 2**20 + 18432 * 20 * per_slot
     assert math.isfinite(mem.peak)
 
 

@@ -14,21 +14,18 @@ import pytest
 verl = pytest.importorskip("verl")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from cppo.backends.verl.loss import (  # noqa: E402
     policy_loss,
     rule_loss,
     verl_agg_loss,
-    write_method_file,
 )
-from cppo.backends.verl.overrides import hydra_overrides  # noqa: E402
+from cppo.backends.verl.probe import composed_config as composed  # noqa: E402
 from cppo.run.config import method_rule  # noqa: E402
 
 pytestmark = pytest.mark.verl
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
 
 
 def paper_run(method: str = "grpo") -> dict:
@@ -38,20 +35,6 @@ def paper_run(method: str = "grpo") -> dict:
 
     plan = Plan(load_config(ROOT / "config" / "paper.yaml"))
     return validate_run_config(plan.resolver.run_config("Qwen3-30B-A3B-Base", method, 0))
-
-
-def composed(run: dict, tmp_path: Path):
-    method_file = write_method_file(run, tmp_path / "method.json")
-    overrides = hydra_overrides(
-        run,
-        method_file=method_file,
-        train_file=tmp_path / "train.parquet",
-        val_files=[str(tmp_path / "val.parquet")],
-        checkpoint_dir=tmp_path / "ckpt",
-        metrics_file=tmp_path / "log.jsonl",
-    )
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
 
 
 def test_the_plugin_registers_the_loss_through_verls_entry_point():

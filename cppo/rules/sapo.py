@@ -9,6 +9,12 @@ sigma = sigmoid(tau (rho_t - 1)): 1 on-policy, decaying smoothly as rho_t leaves
 a larger tau). ``weight`` reports g_t; how much the gate binds is the mean weight it takes off,
 ``sapo/damping_mean`` = mean_t (1 - g_t) (g_t <= 1). Defaults tau_pos 1.0, tau_neg 1.05 (the paper; verl and
 TRL defaults).
+
+Aggregation: the paper's surrogate objective is (1/G) sum_i (1/|y_i|) sum_t f(rho_{i,t}) A_{i,t}, each
+response's token mean averaged over the responses, i.e. ``loss_agg_mode: seq-mean-token-mean``,
+which verl's ``compute_policy_loss_sapo`` hard-codes whatever ``actor.loss_agg_mode`` says. The
+rule itself aggregates as the run asks; the catalogue's ``sapo`` entry (config/methods.yaml)
+sets seq-mean-token-mean, so it runs the paper's (and verl's) normalisation on both backends.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ TRAIN_KEYS = (
     "ratio/abs_dev_mean",
     "logprob/rel_error",
     "logprob/engine_topk_tv",
+    # verl's Top-K route: mu's top-K from a prefill pass (cppo.backends.verl.topk.prefill_gap)
+    "logprob/prefill_gap",
+    "logprob/prefill_coverage",
     "groups/zero_std_fraction",
     "time/step_s",
     "throughput/tokens_per_s",

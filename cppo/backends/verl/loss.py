@@ -11,8 +11,9 @@ The rule and its parameters come from run.yaml's ``method`` block, written with 
 ``imports`` (rules registered outside this package) and ``seed`` to a JSON file whose path
 reaches the loss through ``config.policy_loss.method_file`` (verl's loss config is a frozen
 dataclass: ``cppo.backends.verl.plugin.CPPOPolicyLossConfig`` adds that one field); each worker
-reads it once, imports the modules and binds the rule. Aggregation
-is verl's ``agg_loss`` with ``config.global_batch_info``: the data-parallel size and the
+reads it once, imports the modules and binds the rule. A Top-K rule's D is computed from pi's
+logits by ``cppo.backends.verl.topk_loss`` and handed over around verl's call
+(``passing_divergence``); a sampled-token D is computed here. Aggregation is verl's ``agg_loss`` with ``config.global_batch_info``: the data-parallel size and the
 mini-batch's global token and sequence counts, the normalisers of the project's trainer
 (``aggregate_loss(..., normalizer=global count / processes)``).
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,15 +40,19 @@ from cppo.run.config import method_rule
 __all__ = [
     "MethodFile",
     "batch_seed",
+    "current_divergence",
     "load_method",
+    "passing_divergence",
     "policy_loss",
     "rule_loss",
-    "topk_refusal",
     "verl_agg_loss",
     "write_method_file",
 ]
 
 Aggregate = Callable[..., Tensor]
+# D of a Top-K rule for the loss call in progress: verl's ppo_loss calls the registered policy
+# loss with a fixed signature, so the Top-K loss hands D over through this variable
+_TOPK_DIVERGENCE: ContextVar[Tensor | None] = ContextVar("cppo_topk_divergence", default=None)
 
 
 def verl_agg_loss(
@@ -91,19 +98,20 @@ def verl_agg_loss(
     return loss
 
 
-def topk_refusal(rule: BoundRule) -> str | None:
-    """Why verl cannot run ``rule`` yet, or None: a Top-K divergence needs pi's log-probs at mu's
-    top-K ids inside verl's forward pass, which this backend does not wire (README, "verl
-    backend")."""
-    if not rule.needs_topk:
-        return None
-    spec = rule.divergence
-    return (
-        f"rule {rule.name!r} reads {spec['kind']} (K={spec['topk']}), which needs pi's "
-        "log-probs at mu's top-K ids inside verl's forward pass; this backend does not wire "
-        "it yet: give the method a sampled-token divergence (binary_tv, binary_kl, k3, "
-        "abs_log_ratio) to run it on verl"
-    )
+@contextmanager
+def passing_divergence(divergence: Tensor) -> Iterator[None]:
+    """Within the block, the registered policy loss reads ``divergence`` as the rule's D."""
+    token = _TOPK_DIVERGENCE.set(divergence)
+    try:
+        yield
+    finally:
+        _TOPK_DIVERGENCE.reset(token)
+
+
+def current_divergence() -> Tensor | None:
+    """The Top-K D of the micro-batch whose loss verl is computing, set by
+    ``cppo.backends.verl.topk_loss`` around verl's ``ppo_loss`` (None outside it)."""
+    return _TOPK_DIVERGENCE.get()
 
 
 def batch_seed(seed: int, *tensors: Tensor) -> int:
@@ -137,8 +145,8 @@ def rule_loss(
     """One micro-batch's loss under ``rule`` (run.yaml's method block, bound) and its
     diagnostics.
 
-    ``divergence`` is the per-token D of a Top-K rule (``cppo.backends.verl.topk``); a rule
-    asking for a sampled-token estimator (binary_tv, binary_kl, k3, abs_log_ratio) gets it
+    ``divergence`` is the per-token D of a Top-K rule (``cppo.backends.verl.topk_loss``); a
+    rule asking for a sampled-token estimator (binary_tv, binary_kl, k3, abs_log_ratio) gets it
     computed here from the two log-probs. verl's IS weights, when given, multiply the
     advantages (a positive per-token factor leaves every mask decision as it is).
     """
@@ -146,9 +154,12 @@ def rule_loss(
     adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights.detach()
     spec = rule.divergence
     if spec is not None and divergence is None:
-        refusal = topk_refusal(rule)
-        if refusal is not None:
-            raise ValueError(refusal)
+        if rule.needs_topk:
+            raise ValueError(
+                f"rule {rule.name!r} reads {spec['kind']} (K={spec['topk']}) but no Top-K D "
+                "reached the loss: verl must run the trainer mode and loss of "
+                "cppo.backends.verl.plugin (the generated overrides set them)"
+            )
         with torch.no_grad():
             divergence = compute_divergence(
                 spec["kind"], logp=log_prob.detach(), logp_mu=old_log_prob, response_mask=mask
@@ -226,6 +237,7 @@ def policy_loss(
         advantages=advantages,
         response_mask=response_mask,
         global_batch_info=getattr(config, "global_batch_info", None),
+        divergence=current_divergence(),
         rollout_is_weights=rollout_is_weights,
         aggregate=aggregate,
         seed=seed,

@@ -6,7 +6,10 @@ counts optimizer steps (validation.every, save_every, warmup_steps) and prompts.
 The conventions of config/paper.yaml carry over: ``anchor: rollout`` is verl's bypass mode
 (old_log_prob = the rollout engine's log-probs), ``scale_rewards: none`` is
 ``norm_adv_by_std_in_grpo=false``, seq-mean-token-sum-norm divides by
-``loss_scale_factor`` = max_completion_length.
+``loss_scale_factor`` = max_completion_length. A rule that reads a Top-K divergence runs verl's
+v1 sync trainer under this project's mode ``cppo_topk`` (``cppo.backends.verl.trainer``), its
+training rows through the agent loop ``cppo_topk`` (``cppo.backends.verl.agent_loop``, registered
+by the file ``agent_loop_file``), with verl's unfused logits.
 """
 
 from __future__ import annotations
@@ -15,12 +18,39 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VerlSetupError", "hydra_overrides", "iterations"]
+from cppo.run.config import method_rule
+
+__all__ = [
+    "TOPK_AGENT",
+    "TOPK_TRAINER_MODE",
+    "VerlSetupError",
+    "agent_loop_entries",
+    "external_modules",
+    "hydra_overrides",
+    "iterations",
+]
 
 # verl's loss config subclass with the `method_file` field (registered by the plugin)
 LOSS_CONFIG = "cppo.backends.verl.plugin.CPPOPolicyLossConfig"
 PLUGIN_MODULES = "cppo.backends.verl.plugin"
 REWARD_FILE = Path(__file__).with_name("reward.py")
+# the Top-K route: the trainer mode (cppo.backends.verl.trainer) and the agent loop
+# (cppo.backends.verl.agent_loop) under the names verl's registries know them by
+TOPK_TRAINER_MODE = "cppo_topk"
+TOPK_AGENT = "cppo_topk"
+TOPK_MODULES = ("cppo.backends.verl.trainer",)
+
+
+def external_modules(topk: bool) -> str:
+    """``VERL_USE_EXTERNAL_MODULES``: what every verl process imports (the loss plugin, and the
+    Top-K trainer mode when the rule reads a Top-K divergence)."""
+    return ",".join([PLUGIN_MODULES, *(TOPK_MODULES if topk else ())])
+
+
+def agent_loop_entries(topk: int) -> list[dict[str, Any]]:
+    """The ``agent_loop_config_path`` file's content: the Top-K agent loop and its K."""
+    target = "cppo.backends.verl.agent_loop.TopKAgentLoop"
+    return [{"name": TOPK_AGENT, "_target_": target, "topk": int(topk)}]
 
 
 class VerlSetupError(ValueError):
@@ -56,8 +86,10 @@ def hydra_overrides(
     val_files: list[str],
     checkpoint_dir: str | Path,
     metrics_file: str | Path,
+    agent_loop_file: str | Path | None = None,
 ) -> list[str]:
-    """The overrides of one run (``run``: a validated run.yaml)."""
+    """The overrides of one run (``run``: a validated run.yaml); ``agent_loop_file`` holds
+    :func:`agent_loop_entries` (needed by a rule that reads a Top-K divergence)."""
     sched, val, method = run["schedule"], run["validation"], run["method"]
     verl = run["verl"]
     upi = sched["updates_per_iter"]
@@ -138,8 +170,26 @@ def hydra_overrides(
         "trainer.experiment_name": run["run_name"],
         "trainer.logger": ["console", "file"],
         "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH": str(metrics_file),
-        "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULES,
+        # the v1 trainer: the legacy one rewrites the loss mode in bypass mode (the rule would
+        # silently become verl's bypass loss)
+        "trainer.use_v1": True,
     }
+    topk = method_rule(run).needs_topk
+    o["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] = external_modules(
+        topk
+    )
+    if topk:
+        if agent_loop_file is None:
+            raise VerlSetupError(
+                f"method: rule {method['rule']!r} reads a Top-K divergence; the overrides need "
+                "the agent loop file (agent_loop_entries)"
+            )
+        o["trainer.v1.trainer_mode"] = TOPK_TRAINER_MODE
+        o["actor_rollout_ref.rollout.agent.agent_loop_config_path"] = str(agent_loop_file)
+        # the loss reads pi's logits: fused kernels never build them, a static pad would shift
+        # the packed rows against mu's top-K fields (verl refuses it with the flag)
+        o["actor_rollout_ref.model.use_fused_kernels"] = False
+        o["actor_rollout_ref.actor.fsdp_config.pad_to_length"] = False
     if method.get("loss_agg_mode") == "seq-mean-token-sum-norm":
         o["actor_rollout_ref.actor.loss_scale_factor"] = (
             method.get("horizon") or sched["max_completion_length"]

@@ -4,10 +4,12 @@ The run directory ends up as the project's trainer leaves it, so selection, eval
 and figures read it unchanged:
 
 1. run.yaml is validated (the project's schema), and what verl cannot run as asked is refused
-   before any GPU starts: a Top-K divergence (README, "verl backend"), ``rl.mask_std_0`` (verl
-   keeps zero-variance groups in its normalisers), batch-std advantages.
+   before any GPU starts (``cppo.run.backends.verl_refusals``: ``rl.mask_std_0``, a Top-K
+   divergence on Megatron, off the rollout anchor or at a temperature other than 1), as are
+   batch-std advantages.
 2. ``verl/`` gets the method JSON, the training data and each validation benchmark as
-   DAPO-schema parquet (data_source = the benchmark's name), and the attempt's overrides.
+   DAPO-schema parquet (data_source = the benchmark's name; with a Top-K rule the training rows
+   name the Top-K agent loop, registered by ``agent_loops.yaml``), and the attempt's overrides.
 3. ``python -m verl.trainer.main_ppo <overrides>`` runs; verl resumes from its last checkpoint
    (``trainer.resume_mode=auto``). Its file logger truncates its file at every start, so each
    attempt logs to its own file.
@@ -31,9 +33,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cppo.backends.verl.loss import topk_refusal, write_method_file
+import yaml
+
+from cppo.backends.verl.loss import write_method_file
 from cppo.backends.verl.metrics import convert, read_verl_log
-from cppo.backends.verl.overrides import PLUGIN_MODULES, VerlSetupError, hydra_overrides
+from cppo.backends.verl.overrides import (
+    TOPK_AGENT,
+    VerlSetupError,
+    agent_loop_entries,
+    external_modules,
+    hydra_overrides,
+)
+from cppo.run.backends import verl_refusals
 from cppo.run.config import RunConfigError, load_run_config, method_rule
 from cppo.run.directory import snapshot_dir, write_done
 from cppo.run.metrics import best_validation
@@ -49,15 +60,7 @@ def refusals(cfg: dict[str, Any]) -> list[str]:
     out = []
     if cfg["backend"] != "verl":
         out.append(f"backend: {cfg['backend']!r}; this command runs backend verl")
-    refusal = topk_refusal(method_rule(cfg))
-    if refusal is not None:
-        out.append(f"method.divergence: {refusal}")
-    if cfg["rl"]["mask_std_0"]:
-        out.append(
-            "rl.mask_std_0: verl counts zero-variance groups in its loss normalisers; set it "
-            "false (the pipeline does for verl models)"
-        )
-    return out
+    return out + verl_refusals(cfg)
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
@@ -67,7 +70,7 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     pd.DataFrame(rows).to_parquet(path, index=False)
 
 
-def _train_rows(path: str) -> list[dict[str, Any]]:
+def _train_rows(path: str, agent_name: str | None = None) -> list[dict[str, Any]]:
     rows = []
     with open(path) as fh:
         for line in fh:
@@ -82,6 +85,7 @@ def _train_rows(path: str) -> list[dict[str, Any]]:
                             "style": "rule",
                         },
                         "extra_info": row.get("extra_info") or {},
+                        **({"agent_name": agent_name} if agent_name else {}),
                     }
                 )
     return rows
@@ -109,8 +113,14 @@ def prepare(cfg: dict[str, Any]) -> tuple[Path, list[str], int]:
     state = run_dir / STATE
     state.mkdir(parents=True, exist_ok=True)
     method_file = write_method_file(cfg, state / "method.json")
+    rule = method_rule(cfg)
+    agent_loop_file = None
+    if rule.needs_topk:
+        agent_loop_file = state / "agent_loops.yaml"
+        agent_loop_file.write_text(yaml.safe_dump(agent_loop_entries(rule.divergence["topk"])))
     train_file = state / "train.parquet"
-    _write_parquet(_train_rows(cfg["train_data"]), train_file)
+    agent = TOPK_AGENT if rule.needs_topk else None
+    _write_parquet(_train_rows(cfg["train_data"], agent), train_file)
     val_files = []
     for bench in cfg["validation"]["benchmarks"]:
         out = state / f"val-{Path(bench).stem}.parquet"
@@ -124,6 +134,7 @@ def prepare(cfg: dict[str, Any]) -> tuple[Path, list[str], int]:
         val_files=val_files,
         checkpoint_dir=run_dir / CHECKPOINTS,
         metrics_file=state / f"metrics-attempt-{attempt}.jsonl",
+        agent_loop_file=agent_loop_file,
     )
     (state / f"overrides-attempt-{attempt}.txt").write_text("\n".join(overrides) + "\n")
     return state, overrides, attempt
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(overrides))
         return 0
     env = dict(os.environ)
-    env["VERL_USE_EXTERNAL_MODULES"] = PLUGIN_MODULES
+    env["VERL_USE_EXTERNAL_MODULES"] = external_modules(method_rule(cfg).needs_topk)
     env["VERL_FILE_LOGGER_PATH"] = str(state / f"metrics-attempt-{attempt}.jsonl")
     start = time.monotonic()
     code = subprocess.call([sys.executable, "-m", "verl.trainer.main_ppo", *overrides], env=env)

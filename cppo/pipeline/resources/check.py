@@ -24,7 +24,7 @@ from cppo.pipeline.resources.job import (
     TrainingJob,
     gpu_training_models,
     training_job,
-    verl_refused_methods,
+    verl_refusals_by_method,
 )
 from cppo.pipeline.resources.memory_model import (
     RESERVED_GIB,
@@ -86,18 +86,13 @@ def check(plan: Plan, root: str | Path | None = None) -> Report:
 
 
 def verl_refusals(plan: Plan, model: str) -> list[str]:
-    """The runs of a verl model whose rule reads a Top-K divergence: the verl train command
-    refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
-    out = []
-    for method in verl_refused_methods(plan, model):
-        kind = plan.resolver.bound_rule(model, method).divergence["kind"]
-        out.append(
-            f"models.{model} / methods.{method}: {kind} is not wired into verl's forward pass "
-            "yet; its verl runs stop at start (README, 'verl backend') and are left out of the "
-            "runs, GPU-hours and disk above"
-        )
-    return out
-
+    """The runs of a verl model that the verl train command refuses at start, before any GPU
+    work, each with the train command's reasons."""
+    return [
+        f"models.{model} / methods.{method}: {'; '.join(problems)}; its verl runs stop at start "
+        "and are left out of the runs, GPU-hours and disk above"
+        for method, problems in verl_refusals_by_method(plan, model).items()
+    ]
 
 
 # --- printing ---------------------------------------------------------------------------------

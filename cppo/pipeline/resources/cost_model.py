@@ -34,6 +34,12 @@ THROUGHPUT: dict[str, Throughput] = {
     "Qwen3-8B": Throughput(rollout=900, update=1500, overhead_s=60),
     "Qwen3-30B-A3B": Throughput(rollout=2000, update=2500, overhead_s=120),
 }
+# verl's Top-K route re-prefills every sampled sequence with K prompt log-probs
+# (cppo.backends.verl.agent_loop): a forward pass over the trained tokens, priced at this multiple
+# of the update rate (a forward alone is ~1/4 of forward + backward with recomputation; 3 leaves
+# room for vLLM's per-position log-prob objects). ASSUMED: benchmarks/gpu_smoke.sh measures the
+# K=20 prefill against K=0. Charged to every run of a model with a Top-K rule.
+TOPK_PREFILL_SPEEDUP = 3.0
 # Mean response length as a fraction of max_completion_length, over a whole run (assumption: the
 # paper reports no lengths; DAPO-style runs on Qwen3 grow from ~1/4 to most of the budget).
 MEAN_RESPONSE_FRACTION = 0.5
@@ -90,6 +96,8 @@ def cost(job: TrainingJob) -> Cost:
     response = sequences * MEAN_RESPONSE_FRACTION * job.max_completion_length
     trained = response + sequences * MEAN_PROMPT_TOKENS
     rollout_s = response / (rate.rollout * gpus)
+    if job.topk:
+        rollout_s += trained / (TOPK_PREFILL_SPEEDUP * rate.update * gpus)
     update_s = trained / (rate.update * gpus)
     val_tokens = (
         job.val_benchmarks

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from cppo.pipeline.resources.architectures import ARCHITECTURES, GIB, Architecture, architecture_name
-from cppo.run.config import with_run_defaults
+from cppo.run.backends import verl_refusals
+from cppo.run.config import validate_run_config, with_run_defaults
 
 if TYPE_CHECKING:
     from cppo.pipeline.plan import Plan
@@ -84,6 +85,9 @@ class TrainingJob:
     # verl: tokens per GPU per forward/backward pass (dynamic batch size) instead of
     # micro_batch x seq_len, and the config block its engine settings come from
     update_tokens: int | None = None
+    # verl: the largest K of the Top-K rules that will run (0: none); the update pass then
+    # gathers pi's log-probs at mu's top-K ids
+    topk: int = 0
     engine_key: str = "training.extra.vllm"
     tp_key: str = "tensor_parallel_size"
 
@@ -137,7 +141,7 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         )
     sched = plan.resolver.schedule(model)
     training = model_training(cfg, model)
-    refused = verl_refused_methods(plan, model) if training["backend"] == "verl" else []
+    refused = verl_refusals_by_method(plan, model) if training["backend"] == "verl" else {}
     # training.extra holds run.yaml keys; the trainer's defaults for those it leaves out
     run = with_run_defaults(training["extra"])
     vllm: Mapping[str, Any] = run["vllm"]
@@ -180,14 +184,22 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         refused_runs=len(refused) * len(plan.matrix.seeds),
     )
     if training["backend"] == "verl":
-        job = dataclasses.replace(job, **_verl_terms(training["verl"], sched))
+        rules = [plan.resolver.bound_rule(model, m) for m in plan.matrix.methods if m not in refused]
+        topk = max((r.divergence["topk"] for r in rules if r.needs_topk), default=0)
+        job = dataclasses.replace(job, **_verl_terms(training["verl"], sched), topk=topk)
     return job
 
 
-def verl_refused_methods(plan: Plan, model: str) -> list[str]:
-    """The methods of a verl model whose rule reads a Top-K divergence: the verl train command
-    refuses them at start (cppo.backends.verl.train.refusals), before any GPU work."""
-    return [m for m in plan.matrix.methods if plan.resolver.bound_rule(model, m).needs_topk]
+def verl_refusals_by_method(plan: Plan, model: str) -> dict[str, list[str]]:
+    """The methods of a verl model that the verl train command refuses at start, before any GPU
+    work, with its messages (cppo.run.backends.verl_refusals, read by both)."""
+    out = {}
+    for method in plan.matrix.methods:
+        run = validate_run_config(plan.resolver.run_config(model, method, plan.matrix.seeds[0]))
+        problems = verl_refusals(run)
+        if problems:
+            out[method] = problems
+    return out
 
 
 def _verl_terms(verl: Mapping[str, Any], sched: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cppo.divergence import GATHER_CHUNK_BYTES
 from cppo.pipeline.resources.architectures import BF16, FP32, GIB
 from cppo.pipeline.resources.job import TrainingJob
 
@@ -28,6 +29,10 @@ VLLM_RUNTIME_GIB = 2.0
 # experts (experts_per_token x hidden). With gradient checkpointing only the layer being
 # recomputed holds them, twice (the activations and their gradients).
 LAYER_HIDDEN_VALUES = 5
+# verl's Top-K route, per token of an update pass and per top-K slot: mu's ids (int32) and
+# log-probs (fp32) as they arrive, pi's log-probs at those ids as the loss returns them, nested
+# and padded (3 x fp32), mu's padded ids (int64) and log-probs (fp32)
+TOPK_BYTES_PER_SLOT = 4 + 4 + 3 * 4 + 8 + 4
 
 
 # accelerate config files in commands.train.launcher are relative to the workflow's directory
@@ -100,6 +105,9 @@ def memory(job: TrainingJob) -> Memory:
     base = {"training states": states, "reserve": RESERVED_GIB * GIB}
     training = {**base, "gathered ZeRO-3 buffers": buffers}
     update = {**training, "activations": checkpoints + layer_work, "logits": logits}
+    if job.topk:
+        # one fp32 chunk of logit rows at a time, plus the top-K fields of the pass's tokens
+        update["Top-K gather"] = GATHER_CHUNK_BYTES + tokens * job.topk * TOPK_BYTES_PER_SLOT
     # HF generate on the training model: under ZeRO-3 the trainer gathers the whole model for
     # generation (ds3_gather_for_generation), bf16 on every GPU for as long as it samples
     hf_generate = dict(training)
