@@ -11,7 +11,7 @@ default a model's ``generation_config.json`` might carry (Qwen3 ships top_k=20, 
 ``temperature == 0`` means greedy decoding. Every sample records whether it was cut at
 ``max_new_tokens`` (``truncated``: no end-of-sequence token was produced).
 
-Seeds: the transformers backend seeds each generation batch (see ``_batch_seed``); the vLLM
+Seeds: the transformers backend seeds each generation batch (see ``batch_seed``); the vLLM
 backend seeds each (problem, sample) pair on its own (see :func:`sample_seed`), so a subset of
 the pairs, e.g. one process's share in sharded validation, samples exactly what it would in
 one call over all of them.
@@ -33,7 +33,7 @@ class Sample:
     truncated: bool
 
 
-def _batch_seed(seed: int, batch_index: int) -> int:
+def batch_seed(seed: int, batch_index: int) -> int:
     # Distinct, reproducible seed per generation batch.
     return (int(seed) * 1_000_003 + batch_index) % (2**63 - 1)
 
@@ -99,7 +99,7 @@ class TransformersBackend:
             getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         )
 
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         ids: list[int] = []
         for source in (getattr(self.model, "generation_config", None), self.tokenizer):
             value = getattr(source, "eos_token_id", None)
@@ -138,7 +138,7 @@ class TransformersBackend:
         if n < 1 or max_new_tokens < 1:
             raise ValueError("n and max_new_tokens must be >= 1")
         model, tok = self.model, self.tokenizer
-        eos_ids = self._eos_ids()
+        eos_ids = self.eos_ids()
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
         greedy = temperature <= 0
         # A fresh config: nothing from the checkpoint's generation_config.json leaks in.
@@ -188,7 +188,7 @@ class TransformersBackend:
                     add_special_tokens=False,
                 ).to(device)
                 with torch.random.fork_rng(devices=devices), torch.no_grad():
-                    torch.manual_seed(_batch_seed(seed, b))
+                    torch.manual_seed(batch_seed(seed, b))
                     generated = model.generate(
                         input_ids=enc["input_ids"],
                         attention_mask=enc["attention_mask"],
@@ -197,7 +197,7 @@ class TransformersBackend:
                     )
                 new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
                 for (p, s), ids in zip(chunk, new_tokens, strict=True):
-                    out[p][s] = self._to_sample(ids, eos_ids)
+                    out[p][s] = self.to_sample(ids, eos_ids)
                 if bar is not None:
                     bar.update(len(chunk))
                 if on_batch is not None:
@@ -214,7 +214,7 @@ class TransformersBackend:
                 bar.close()
         return out  # type: ignore[return-value]
 
-    def _to_sample(self, ids: list[int], eos_ids: list[int]) -> Sample:
+    def to_sample(self, ids: list[int], eos_ids: list[int]) -> Sample:
         eos = set(eos_ids)
         end = next((i for i, t in enumerate(ids) if t in eos), None)
         if end is None:

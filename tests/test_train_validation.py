@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from fake_vllm import FakeEngine, FakeSamplingParams
 
+from cppo.training import kv_sampler
 from cppo.training.validation import (
     Shard,
     evaluate_in_memory,
@@ -238,6 +239,7 @@ def trainer_stub(
     chat_template_kwargs=None,
     model=None,
     validation_fn=evaluate_in_memory,
+    sampler="generate",
 ):
     """An object carrying the trainer attributes InLoopValidation reads, and its `run`.
 
@@ -252,6 +254,7 @@ def trainer_stub(
         vllm_mode="colocate",
         vllm_tensor_parallel_size=tp,
         ds3_gather_for_generation=True,
+        sampler=sampler,
     )
     stub.chat_template_kwargs = chat_template_kwargs or {}
     stub.accelerator = types.SimpleNamespace(
@@ -354,9 +357,11 @@ def test_sharded_in_memory_validation_needs_gathered_zero3_weights(tmp_path, mon
         stub.run_validation(4)
 
 
-def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path):
-    # one process, transformers: the record is evaluate_model's on the trainer's model, and the
-    # run's chat_template_kwargs reach the validation prompts
+@pytest.mark.parametrize("sampler", ["generate", "kv_loop"])
+def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path, sampler):
+    # one process, transformers: the record is evaluate_model's on the trainer's model (with
+    # the KV-cache loop: evaluate_in_memory's with that sampler), and the run's
+    # chat_template_kwargs reach the validation prompts
     from transformers import AutoTokenizer
 
     from cppo.run.config import validate_run_config
@@ -371,7 +376,10 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path):
     tok.chat_template = THINK_TEMPLATE
     tok.save_pretrained(model_dir)
     bench_path = str(write_bench(tmp_path / "val.jsonl", 3))
-    validation = dict(SAMPLING, benchmarks=[bench_path], every=1, max_new_tokens=4, batch_size=8)
+    batch = 8 if sampler == "generate" else 64  # the loop: all samples in one call
+    validation = dict(
+        SAMPLING, benchmarks=[bench_path], every=1, max_new_tokens=4, batch_size=batch
+    )
     cfg = validate_run_config(
         {
             "output_dir": str(tmp_path / "run"),
@@ -389,6 +397,7 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path):
             },
             "validation": validation,
             "chat_template_kwargs": {"enable_thinking": False},
+            "transformers": {"sampler": sampler},
         }
     )
     args, _ = grpo_config_from_run(cfg)
@@ -410,26 +419,47 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path):
         return out
 
     TransformersBackend.generate = spy
+    loop_prompts = []
+    original_sample = kv_sampler.sample
+
+    def loop_spy(model, prompts, **kwargs):
+        loop_prompts.append([tok.decode(p) for p in prompts])
+        return original_sample(model, prompts, **kwargs)
+
+    kv_sampler.sample = loop_spy
     trainer.model.train()  # as during training
+    sampling = dict(k=K, temperature=0.7, top_p=0.95, max_new_tokens=4, seed=SEED, batch_size=batch)
     try:
         record = trainer.run_validation(0)
-        ref = evaluate_model(
-            trainer.model,
-            tok,
-            [bench_path],
-            k=K,
-            temperature=0.7,
-            top_p=0.95,
-            max_new_tokens=4,
-            seed=SEED,
-            batch_size=8,
-            chat_template_kwargs={"enable_thinking": False},
-        )
+        if sampler == "generate":
+            ref = evaluate_model(
+                trainer.model,
+                tok,
+                [bench_path],
+                chat_template_kwargs={"enable_thinking": False},
+                **sampling,
+            )
+        else:
+            ref = evaluate_in_memory(
+                trainer.model,
+                tok,
+                [bench_path],
+                chat_template_kwargs={"enable_thinking": False},
+                sampler="kv_loop",
+                **sampling,
+            )
     finally:
         TransformersBackend.generate = original
-    (prompts, _, _), _ = calls
-    assert len(prompts) == 3 and all(p.endswith("</think>\n\n") for p in prompts)
-    assert calls[0] == calls[1]  # same prompts, settings and samples as evaluate_model
+        kv_sampler.sample = original_sample
+    if sampler == "generate":
+        (prompts, _, _), _ = calls
+        assert calls[0] == calls[1]  # same prompts, settings and samples as evaluate_model
+        assert not loop_prompts
+    else:
+        assert not calls and len(loop_prompts) == 2 and loop_prompts[0] == loop_prompts[1]
+        prompts = loop_prompts[0]
+        assert len(prompts) == 3 * K  # one loop call: 3 problems x K samples
+    assert len(set(prompts)) == 3 and all(p.endswith("</think>\n\n") for p in prompts)
     assert record["val/val"] == ref["val"]["avg_at_k"]
     assert trainer.model.training  # train mode restored
 

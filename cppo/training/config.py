@@ -94,8 +94,23 @@ class CPPOConfig(GRPOConfig):
         },
     )
 
+    sampler: str = field(
+        default="kv_loop",
+        metadata={"help": "Transformers rollouts: kv_loop (cppo.training.kv_sampler) or generate."},
+    )
+    loss_layout: str = field(
+        default="shared_prompt",
+        metadata={"help": "Loss forward: shared_prompt (cppo.training.shared_prompt) or padded."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.sampler not in ("kv_loop", "generate"):
+            raise ValueError(f"sampler must be 'kv_loop' or 'generate', got {self.sampler!r}")
+        if self.loss_layout not in ("shared_prompt", "padded"):
+            raise ValueError(
+                f"loss_layout must be 'shared_prompt' or 'padded', got {self.loss_layout!r}"
+            )
         if self.method is None or not isinstance(self.method.get("rule"), str):
             raise ValueError("CPPOConfig.method must be a mapping with a 'rule' name")
         if self.divergence_kind is not None and self.divergence_kind not in DIVERGENCE_KINDS:
@@ -241,5 +256,7 @@ def grpo_config_from_run(
         mu_chunk_tokens=diag["mu_chunk_tokens"],
         updates_per_iter=sched["updates_per_iter"],
         validation=dict(run["validation"]),
+        sampler=run["transformers"]["sampler"],
+        loss_layout=run["transformers"]["loss_layout"],
     )
     return cfg, plan

@@ -30,19 +30,21 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
 
 from cppo.divergence import compute_divergence
 from cppo.rules import RuleBatch, RuleContractError, aggregate_loss, get_rule
 from cppo.run.config import divergence_plan
 from cppo.run.metrics import MetricsWriter
+from cppo.training import kv_sampler
 from cppo.training.config import CPPOConfig
 from cppo.training.diagnostics import StepLog
 from cppo.training.engine import EngineGeneration
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
 from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
+from cppo.training.shared_prompt import shared_prompt_forward
 from cppo.training.validation import ValidationFn
 from cppo.training.validation_callback import InLoopValidation
 from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
@@ -126,6 +128,11 @@ class CPPOTrainer(GRPOTrainer):
         self._head_request: HeadRequest | None = None  # see _capturing_head
         self._reward_stash: torch.Tensor | None = None
         self._vllm_topk: list | None = None
+        self._loop_record: kv_sampler.Rollouts | None = None  # mu from the KV-cache loop
+        # the shared-prompt layout counts each prompt once: a router aux loss would change
+        self._shared_prompt = (
+            args.loss_layout == "shared_prompt" and not self.aux_loss_enabled and base is self.model
+        )
         if self.use_vllm:
             # the engine reports mu's top-K only when mu is the engine (rollout anchor)
             self.vllm_generation.logprobs = self._topk if args.anchor == "rollout" else 0
@@ -215,6 +222,10 @@ class CPPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
     ):
         req, self._head_request = self._head_request, None
+        if self._loop_record is not None and not torch.is_grad_enabled():
+            # mu's forward (ours or TRL's old log-probs): the sampling loop's logits gave it
+            logps = self._loop_padded(input_ids.size(0), logits_to_keep, input_ids.device)[0]
+            return logps, None, None
         if req is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -237,6 +248,13 @@ class CPPOTrainer(GRPOTrainer):
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
+        if (
+            not self.use_vllm
+            and self.args.sampler == "kv_loop"
+            and self.args.anchor == "rollout"
+            and self.model.training
+        ):
+            return self._loop_generate(prompt_ids)
         if not (self.use_vllm and self.vllm_generation.logprobs):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -266,6 +284,50 @@ class CPPOTrainer(GRPOTrainer):
             req.gather_ids, _ = pad_topk(topk, width, self._topk, self.accelerator.device)
         return completion_ids, sampled
 
+    def _loop_generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], None]:
+        """Rollouts from the KV-cache loop (cppo.training.kv_sampler); mu's sampled log-probs
+        and top-K are kept from its logits for the recording step."""
+        if self.min_p is not None or self.repetition_penalty != 1.0:
+            raise ValueError("sampler kv_loop draws with temperature, top_k and top_p only")
+        with (
+            profiling_context(self, "kv_loop.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            ) as model,
+        ):
+            record = kv_sampler.sample(
+                model,
+                prompt_ids,
+                max_new_tokens=self.max_completion_length,
+                eos_ids=self.eos_token_ids,
+                pad_id=self._tokenizer.pad_token_id,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k or 0,
+                record_topk=self._topk,
+            )
+        self._loop_record = record
+        return [list(c) for c in record.completions], None
+
+    def _loop_padded(self, rows: int, width: int, device: torch.device) -> tuple:
+        """The loop record as [rows, width] log-probs and [rows, width, K] top-K (or None)."""
+        rec = self._loop_record
+        if rec is None or len(rec.logps) != rows:
+            raise RuntimeError("the sampling loop's record does not match this batch")
+        logps = torch.zeros(rows, width, device=device)
+        for i, lp in enumerate(rec.logps):
+            logps[i, : len(lp)] = lp[:width]
+        if rec.topk_ids is None:
+            return logps, None, None
+        k = rec.topk_ids[0].shape[-1] if rec.topk_ids else self._topk
+        ids = torch.zeros(rows, width, k, dtype=torch.long, device=device)
+        lps = torch.zeros(rows, width, k, device=device)
+        for i, (ti, tl) in enumerate(zip(rec.topk_ids, rec.topk_logps, strict=True)):
+            ids[i, : len(ti)], lps[i, : len(tl)] = ti[:width], tl[:width]
+        return logps, ids, lps
+
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
@@ -274,12 +336,19 @@ class CPPOTrainer(GRPOTrainer):
         req = HeadRequest(
             logits_to_keep=0, topk=want_trainer_topk, chunk_tokens=args.mu_chunk_tokens
         )
-        self._vllm_topk, self._reward_stash = None, None
-        with self._capturing_head(req):
-            out = super()._generate_and_score_completions(inputs)
-        prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
-        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
-        width = completion_ids.size(1)
+        self._vllm_topk, self._reward_stash, self._loop_record = None, None, None
+        try:
+            with self._capturing_head(req):
+                out = super()._generate_and_score_completions(inputs)
+            prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+            completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+            width = completion_ids.size(1)
+            if self._loop_record is not None:
+                req.sampled_logps, req.ids, req.logps = self._loop_padded(
+                    completion_ids.size(0), width, completion_ids.device
+                )
+        finally:
+            self._loop_record = None
         if req.sampled_logps is None:
             # TRL computes old log-probs only for off-policy batches; mu must always be recorded.
             with (
@@ -395,11 +464,26 @@ class CPPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the loss
 
-    def _compute_loss(self, model, inputs):
+    def _policy_logps(self, model, inputs: dict) -> tuple:
+        """pi's log-probs of the completion tokens [B, C] (with grad), their entropies, the
+        router aux loss (or None) and pi's log-probs at mu's top-K ids [B, C, K] (or None)."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        width = completion_ids.size(1)
         gather_ids = inputs.get("mu_topk_ids")
+        if self._shared_prompt and self.accelerator.unwrap_model(model) is model:
+            # (a wrapped model, e.g. DDP, must run its own forward to sync gradients)
+            stats = shared_prompt_forward(
+                model,
+                prompt_ids,
+                prompt_mask,
+                completion_ids,
+                self._head.spec,
+                gather_ids,
+                completion_mask=completion_mask,
+            )
+            gathered = None if stats.gathered is None else stats.gathered.detach()
+            return stats.logps, stats.entropies, None, gathered
+        width = completion_ids.size(1)
         req = HeadRequest(logits_to_keep=width, gather_ids=gather_ids)
         with self._capturing_head(req):
             logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
@@ -410,6 +494,12 @@ class CPPOTrainer(GRPOTrainer):
                 compute_entropy=True,
                 compute_aux_loss=self.aux_loss_enabled,
             )
+        return logps, entropies, aux_loss, req.logps
+
+    def _compute_loss(self, model, inputs):
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        gather_ids = inputs.get("mu_topk_ids")
+        logps, entropies, aux_loss, pi_topk = self._policy_logps(model, inputs)
         resp = completion_mask.bool()
         if "tool_mask" in inputs:
             resp = resp & inputs["tool_mask"].bool()
@@ -422,7 +512,7 @@ class CPPOTrainer(GRPOTrainer):
                     logp=logps.detach(),
                     logp_mu=mu,
                     response_mask=resp,
-                    topk_logp=req.logps,
+                    topk_logp=pi_topk,
                     topk_logp_mu=inputs.get("mu_topk_logps"),
                     topk_ids=gather_ids,
                     token_ids=completion_ids,

@@ -9,8 +9,11 @@ the (problem, sample) pairs; the per-sample grades are gathered
 (`torch.distributed.all_gather_object`) and the main process computes the summaries (the others
 get None):
 
-- `evaluate_in_memory`: transformers `generate` on the in-memory model. With one shard it is
-  exactly `evaluation.runner.evaluate_model`. With several, shard `i` takes a contiguous block
+- `evaluate_in_memory`: the in-memory model, sampled by the KV-cache loop of
+  cppo.training.kv_sampler (`sampler="kv_loop"`, what the trainer passes by default: shard `i`
+  seeds batch `b` with batch_seed(seed + i, b)) or by transformers `generate`
+  (`sampler="generate"`). With `generate` and one shard it is exactly
+  `evaluation.runner.evaluate_model`. With several, shard `i` takes a contiguous block
   of whole problems and samples them with seed `seed + i` (the transformers backend seeds per
   generation batch, so results depend on the number of shards).
 - `vllm_engine_validation(llm)`: through a live vLLM engine (the trainer's colocated one, synced
@@ -219,9 +222,11 @@ def evaluate_in_memory(
     shard: Shard | None = None,
     gather: Gather = all_gather,
     synced_gpus: bool | None = None,
+    sampler: str = "generate",
     **kw: Any,
 ) -> dict[str, dict] | None:
-    """Avg@k of an in-memory model with transformers `generate`.
+    """Avg@k of an in-memory model with transformers `generate` (or, `sampler="kv_loop"`, the
+    KV-cache loop of cppo.training.kv_sampler: see `_evaluate_with_loop`).
 
     Without `shard`, or with a single one, this is evaluation.runner.evaluate_model (same
     samples, same summaries). With several shards, every process must call it (see the
@@ -234,6 +239,10 @@ def evaluate_in_memory(
     """
     from evaluation.runner import evaluate_model
 
+    if sampler == "kv_loop":
+        return _evaluate_with_loop(model, tokenizer, benchmarks, shard or Shard(), gather, **kw)
+    if sampler != "generate":
+        raise ValueError(f"sampler must be 'generate' or 'kv_loop', got {sampler!r}")
     if shard is None or shard.count == 1:
         # one process: transformers syncs nothing without other processes
         return evaluate_model(model, tokenizer, list(benchmarks), **kw)
@@ -254,6 +263,65 @@ def evaluate_in_memory(
             synced_gpus=synced_gpus,
             **sampling,
         )
+
+    return evaluate_sharded(
+        generate_runs,
+        tokenizer,
+        benchmarks,
+        k=k,
+        seed=seed,
+        shard=shard,
+        whole_problems=True,
+        model_name=model_name,
+        gather=gather,
+        **sampling,
+        **kw,
+    )
+
+
+def _evaluate_with_loop(
+    model: Any,
+    tokenizer: Any,
+    benchmarks: list[str],
+    shard: Shard,
+    gather: Gather,
+    **kw: Any,
+) -> dict[str, dict] | None:
+    """Avg@k with the KV-cache sampling loop: whole problems per shard, `batch_size` samples
+    per loop call (a problem's samples together, so its prompt is prefilled once), batch `b`
+    of shard `i` drawn from a generator seeded with batch_seed(seed + i, b)."""
+    from cppo.training.kv_sampler import sample
+    from evaluation.backends import TransformersBackend, batch_seed
+
+    backend = TransformersBackend(model, tokenizer)
+    eos = backend.eos_ids()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    device = next(model.parameters()).device
+    batch_size = int(kw.pop("batch_size", 64))
+    k, seed = int(kw.pop("k")), int(kw.pop("seed", 0))
+    sampling = {key: kw.pop(key) for key in ("temperature", "top_p", "max_new_tokens")}
+    model_name = kw.pop("model_name", None) or backend.name
+
+    def generate_runs(prompts: list[str], runs: list[Run]) -> list[list[Any]]:
+        ids = tokenizer([prompts[p] for p, _, _ in runs], add_special_tokens=False)["input_ids"]
+        flat = [(r, j) for r, (_, _, n) in enumerate(runs) for j in range(n)]
+        out: list[list[Any]] = [[None] * n for _, _, n in runs]
+        for b, start in enumerate(range(0, len(flat), batch_size)):
+            chunk = flat[start : start + batch_size]
+            gen = torch.Generator(device).manual_seed(batch_seed(seed + shard.index, b))
+            got = sample(
+                model,
+                [ids[r] for r, _ in chunk],
+                max_new_tokens=int(sampling["max_new_tokens"]),
+                eos_ids=eos,
+                pad_id=pad,
+                temperature=float(sampling["temperature"]),
+                top_p=float(sampling["top_p"]),
+                generator=gen,
+            )
+            for (r, j), completion in zip(chunk, got.completions, strict=True):
+                out[r][j] = backend.to_sample(completion, eos)
+        return out
 
     return evaluate_sharded(
         generate_runs,

@@ -104,6 +104,8 @@ class InLoopValidation(TrainerCallback):
                 # hangs when they make different numbers of generate calls (an empty shard
                 # makes none) and then meet in the gather of the grades.
                 kwargs["synced_gpus"] = False
+                if self.fn is evaluate_in_memory:
+                    kwargs["sampler"] = tr.args.sampler
             if uses_engine:
                 # the engine holds the synced weights: no need to gather the trainer's copy
                 summaries = fn(None, tr.processing_class, benchmarks, **kwargs)
