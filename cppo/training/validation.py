@@ -225,30 +225,29 @@ def evaluate_in_memory(
     sampler: str = "generate",
     **kw: Any,
 ) -> dict[str, dict] | None:
-    """Avg@k of an in-memory model with transformers `generate` (or, `sampler="kv_loop"`, the
-    KV-cache loop of cppo.training.kv_sampler: see `_evaluate_with_loop`).
+    """Avg@k of an in-memory model, sampled by transformers `generate` or (`sampler="kv_loop"`)
+    the KV-cache loop of cppo.training.kv_sampler.
 
-    Without `shard`, or with a single one, this is evaluation.runner.evaluate_model (same
-    samples, same summaries). With several shards, every process must call it (see the
-    module docstring); shard `i` samples its problems with seed `seed + i`. `synced_gpus` goes
-    to every `generate` call of the sharded path (TransformersBackend.generate): pass False
-    when each process holds the whole model (ZeRO-3 weights gathered for generation), since
-    transformers' ZeRO-3 default steps all processes together, which cannot work when they
-    sample different problems, make different numbers of calls, or (a shard without problems)
-    none at all.
+    With `generate` and no `shard`, or a single one, this is evaluation.runner.evaluate_model
+    (same samples, same summaries). Otherwise every process must call it (see the module
+    docstring); shard `i` takes whole problems. `generate` samples them with seed `seed + i`;
+    the loop draws `batch_size` samples per call (a problem's samples together, so its prompt
+    is prefilled once), call `b` from a generator seeded with batch_seed(seed + i, b).
+    `synced_gpus` goes to every `generate` call of the sharded path
+    (TransformersBackend.generate): pass False when each process holds the whole model (ZeRO-3
+    weights gathered for generation), since transformers' ZeRO-3 default steps all processes
+    together, which cannot work when they sample different problems, make different numbers
+    of calls, or (a shard without problems) none at all.
     """
+    from evaluation.backends import TransformersBackend
     from evaluation.runner import evaluate_model
 
-    if sampler == "kv_loop":
-        return _evaluate_with_loop(model, tokenizer, benchmarks, shard or Shard(), gather, **kw)
-    if sampler != "generate":
+    if sampler not in ("generate", "kv_loop"):
         raise ValueError(f"sampler must be 'generate' or 'kv_loop', got {sampler!r}")
-    if shard is None or shard.count == 1:
+    if sampler == "generate" and (shard is None or shard.count == 1):
         # one process: transformers syncs nothing without other processes
         return evaluate_model(model, tokenizer, list(benchmarks), **kw)
-
-    from evaluation.backends import TransformersBackend
-
+    shard = shard or Shard()
     backend = TransformersBackend(model, tokenizer, batch_size=kw.pop("batch_size", 64))
     k, seed = int(kw.pop("k")), int(kw.pop("seed", 0))
     sampling = {key: kw.pop(key) for key in ("temperature", "top_p", "max_new_tokens")}
@@ -256,6 +255,10 @@ def evaluate_in_memory(
 
     def generate_runs(prompts: list[str], runs: list[Run]) -> list[list[Any]]:
         # whole problems: every run is (problem, 0, k)
+        if sampler == "kv_loop":
+            return _loop_runs(
+                backend, [prompts[p] for p, _, _ in runs], k, seed + shard.index, **sampling
+            )
         return backend.generate(
             [prompts[p] for p, _, _ in runs],
             n=k,
@@ -279,63 +282,42 @@ def evaluate_in_memory(
     )
 
 
-def _evaluate_with_loop(
-    model: Any,
-    tokenizer: Any,
-    benchmarks: list[str],
-    shard: Shard,
-    gather: Gather,
-    **kw: Any,
-) -> dict[str, dict] | None:
-    """Avg@k with the KV-cache sampling loop: whole problems per shard, `batch_size` samples
-    per loop call (a problem's samples together, so its prompt is prefilled once), batch `b`
-    of shard `i` drawn from a generator seeded with batch_seed(seed + i, b)."""
+def _loop_runs(
+    backend: Any,
+    prompts: list[str],
+    n: int,
+    seed: int,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+) -> list[list[Any]]:
+    """`n` samples of each prompt from the KV-cache loop, `backend.batch_size` per call."""
     from cppo.training.kv_sampler import sample
-    from evaluation.backends import TransformersBackend, batch_seed
+    from evaluation.backends import batch_seed
 
-    backend = TransformersBackend(model, tokenizer)
+    tok = backend.tokenizer
     eos = backend.eos_ids()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    device = next(model.parameters()).device
-    batch_size = int(kw.pop("batch_size", 64))
-    k, seed = int(kw.pop("k")), int(kw.pop("seed", 0))
-    sampling = {key: kw.pop(key) for key in ("temperature", "top_p", "max_new_tokens")}
-    model_name = kw.pop("model_name", None) or backend.name
-
-    def generate_runs(prompts: list[str], runs: list[Run]) -> list[list[Any]]:
-        ids = tokenizer([prompts[p] for p, _, _ in runs], add_special_tokens=False)["input_ids"]
-        flat = [(r, j) for r, (_, _, n) in enumerate(runs) for j in range(n)]
-        out: list[list[Any]] = [[None] * n for _, _, n in runs]
-        for b, start in enumerate(range(0, len(flat), batch_size)):
-            chunk = flat[start : start + batch_size]
-            gen = torch.Generator(device).manual_seed(batch_seed(seed + shard.index, b))
-            got = sample(
-                model,
-                [ids[r] for r, _ in chunk],
-                max_new_tokens=int(sampling["max_new_tokens"]),
-                eos_ids=eos,
-                pad_id=pad,
-                temperature=float(sampling["temperature"]),
-                top_p=float(sampling["top_p"]),
-                generator=gen,
-            )
-            for (r, j), completion in zip(chunk, got.completions, strict=True):
-                out[r][j] = backend.to_sample(completion, eos)
-        return out
-
-    return evaluate_sharded(
-        generate_runs,
-        tokenizer,
-        benchmarks,
-        k=k,
-        seed=seed,
-        shard=shard,
-        whole_problems=True,
-        model_name=model_name,
-        gather=gather,
-        **sampling,
-        **kw,
-    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    device = next(backend.model.parameters()).device
+    ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    flat = [(p, j) for p in range(len(prompts)) for j in range(n)]
+    out: list[list[Any]] = [[None] * n for _ in prompts]
+    for b, start in enumerate(range(0, len(flat), backend.batch_size)):
+        chunk = flat[start : start + backend.batch_size]
+        got = sample(
+            backend.model,
+            [ids[p] for p, _ in chunk],
+            max_new_tokens=int(max_new_tokens),
+            eos_ids=eos,
+            pad_id=pad,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            generator=torch.Generator(device).manual_seed(batch_seed(seed, b)),
+        )
+        for (p, j), completion in zip(chunk, got.completions, strict=True):
+            out[p][j] = backend.to_sample(completion, eos)
+    return out
 
 
 def vllm_engine_validation(
