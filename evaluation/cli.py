@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from evaluation.backends import SAMPLERS
 from evaluation.grading import DEFAULT_TIMEOUT, DEFAULT_WORKERS, MODES
 from evaluation.runner import (
     DEFAULT_K,
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--batch-size", type=int, default=32, help="transformers: sequences per call")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="generate",
+        help="transformers: model.generate (any causal LM) or the KV-cache loop (evaluation.kv_loop)",
+    )
     p.add_argument("--device", default=None, help="transformers: e.g. cpu, cuda")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "revision": args.revision,
             "progress": progress,
+            "sampler": args.sampler,
         }
     backend = get_backend(args.backend, model=args.model, tokenizer=args.tokenizer, **kwargs)
 

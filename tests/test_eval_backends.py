@@ -9,10 +9,12 @@ import pytest
 import torch
 from fake_vllm import FakeEngine, FakeSamplingParams
 
+from evaluation import kv_loop
 from evaluation.backends import (
     Sample,
     TransformersBackend,
     VLLMBackend,
+    batch_seed,
     get_backend,
     sample_seed,
 )
@@ -55,6 +57,57 @@ def test_greedy_matches_a_manual_decoding_loop(tiny):
         text, n_tokens, truncated = _greedy_reference(model, tok, prompt, 12)
         for sample in samples:  # left padding in a mixed-length batch must not change anything
             assert sample == Sample(text, n_tokens, truncated)
+
+
+def test_kv_loop_greedy_matches_a_manual_decoding_loop(tiny):
+    model, tok = tiny
+    backend = TransformersBackend(model, tok, batch_size=3, sampler="kv_loop")
+    got = backend.generate(PROMPTS, n=2, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    for prompt, samples in zip(PROMPTS, got, strict=True):
+        text, n_tokens, truncated = _greedy_reference(model, tok, prompt, 12)
+        assert samples == [Sample(text, n_tokens, truncated)] * 2
+
+
+def test_kv_loop_batches_prompts_in_order_with_one_seed_per_batch(tiny):
+    """Samples of the backend against kv_loop.sample called by hand: prompt order flattened,
+    `batch_size` rows per call, call b seeded batch_seed(seed, b); the caller's RNG untouched."""
+    model, tok = tiny
+    n, size, seed = 3, 4, 11
+    backend = TransformersBackend(model, tok, batch_size=size, sampler="kv_loop")
+    rng_before = torch.get_rng_state()
+    got = backend.generate(PROMPTS, n=n, temperature=0.9, top_p=0.9, max_new_tokens=20, seed=seed)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    flat = [ids[p] for p in range(len(PROMPTS)) for _ in range(n)]
+    want = []
+    for b, start in enumerate(range(0, len(flat), size)):
+        out = kv_loop.sample(
+            model,
+            flat[start : start + size],
+            max_new_tokens=20,
+            eos_ids=[tok.eos_token_id],
+            pad_id=tok.pad_token_id,
+            temperature=0.9,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(batch_seed(seed, b)),
+        )
+        want += [backend.to_sample(c, [tok.eos_token_id]) for c in out.completions]
+    assert [s for samples in got for s in samples] == want
+    assert len({s.text for s in want}) > 1
+
+
+def test_kv_loop_refuses_models_that_rescale_logits(tiny):
+    model, tok = tiny
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(TypeError, match="final_logit_softcapping"):
+            TransformersBackend(model, tok, sampler="kv_loop").generate(
+                PROMPTS[:1], n=1, temperature=0.7, top_p=1.0, max_new_tokens=2, seed=0
+            )
+    finally:
+        model.config.final_logit_softcapping = None
+    with pytest.raises(ValueError, match="unknown sampler 'vllm'"):
+        TransformersBackend(model, tok, sampler="vllm")
 
 
 def test_length_sorted_batches_return_results_in_prompt_order(tiny):

@@ -551,6 +551,7 @@ def test_stability_and_binding_values_by_hand():
     ]
     got = aggregate.stability_values(val, t_stop_steps=8)
     want = {"start": 30.0, "best": 50.0, "gain": 20.0, "final": 20.0, "last2": 30.0, "net": -10.0}
+    want["mean"] = 45.0  # steps 4 and 8: the validations after the start within T_stop
     assert got == pytest.approx(want)
     train = [
         {"step": 1, "mask/fraction": 0.0, "mask/prefix_fraction": 0.0, "ratio/abs_dev_mean": 0.0},
@@ -577,7 +578,7 @@ def test_stability_and_binding_values_by_hand():
         {"step": 8, "val/mean": None},
     ]
     got = aggregate.stability_values(val, t_stop_steps=8)
-    assert (got["final"], got["last2"], got["net"]) == (0.0, 25.0, -30.0)
+    assert (got["final"], got["last2"], got["net"], got["mean"]) == (0.0, 25.0, -30.0, 25.0)
 
 
 def test_stability_and_binding_tables(synth):
@@ -587,10 +588,12 @@ def test_stability_and_binding_tables(synth):
         tables.render(manifest, plan.matrix.path("tables"), name)
     stab = pd.read_csv(plan.matrix.path("tables", "stability.csv"))
     a0 = stab[(stab.method == "a") & (stab.seed == 0)].set_index("metric")["value"]
-    # A_VALS seed 0: start 10 %, best within T_stop 30 % (step 2), final 90 % (step 8)
+    # A_VALS seed 0: start 10 %, best within T_stop 30 % (step 2), final 90 % (step 8), mean of
+    # steps 2, 4, 6 (T_stop = 6 steps) 80 / 3 %
     assert a0.to_dict() == pytest.approx(
-        {"start": 10.0, "best": 30.0, "gain": 20.0, "final": 90.0, "last2": 55.0, "net": 80.0}
-    )
+        {"start": 10.0, "best": 30.0, "gain": 20.0, "mean": 80 / 3, "final": 90.0,
+         "last2": 55.0, "net": 80.0}, abs=1e-4  # the CSV keeps 4 decimals
+    )  # fmt: skip
     md = Path(plan.matrix.path("tables", "stability.md")).read_text()
     row_a = next(line for line in md.splitlines() if line.startswith("| Model M | Method A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]

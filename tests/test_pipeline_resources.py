@@ -19,12 +19,15 @@ from cppo.pipeline.plan import Plan
 from cppo.pipeline.resources import GIB, Architecture, Throughput, TrainingJob, cost_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# every shipped config, as it is given on the command line (toy-sweep is an overlay of toy)
+# every shipped config, as it is given on the command line (toy-sweep, toy-seeds and toy-8up
+# are overlays of toy)
 CONFIG_FILES = {
     "toy": ["toy.yaml"],
     "toy-full": ["toy-full.yaml"],
     "toy-extended": ["toy-extended.yaml"],
     "toy-sweep": ["toy.yaml", "toy-sweep.yaml"],
+    "toy-seeds": ["toy.yaml", "toy-seeds.yaml"],
+    "toy-8up": ["toy.yaml", "toy-8up.yaml"],
     "paper": ["paper.yaml"],
     "ablations": ["ablations.yaml"],
     "conventions": ["conventions.yaml"],

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cppo.training.kv_sampler import filter_logits, sample, sdpa_gqa
 from cppo.training.lmhead import head_spec_for
 from cppo.training.shared_prompt import shared_prompt_forward
+from evaluation.kv_loop import filter_logits, sample, sdpa_gqa
 from evaluation.testing import make_char_tokenizer
 from evaluation.tiny import build_model
 
@@ -240,8 +240,22 @@ def reference_logps_grad(model, prompt, completion, temperature):
     return (logits.float() / temperature).log_softmax(dim=-1)
 
 
+def attention_by_loop(q, k, v, mask, scale):
+    """Per row and head, in float64: query head h reads KV head h // (heads / kv_heads)
+    (transformers' repeat_kv); mask True = attend."""
+    b, heads, q_len, _ = q.shape
+    rep = heads // k.shape[1]
+    out = torch.zeros(b, q_len, heads, q.shape[-1], dtype=torch.float64)
+    for i in range(b):
+        for h in range(heads):
+            scores = q[i, h].double() @ k[i, h // rep].double().T * scale
+            scores = scores.masked_fill(~mask[i, 0], float("-inf"))
+            out[i, :, h] = scores.softmax(-1) @ v[i, h // rep].double()
+    return out
+
+
 @pytest.mark.parametrize("q_len", [1, 5])
-def test_gqa_attention_equals_sdpa_on_repeated_heads(q_len):
+def test_gqa_attention_equals_a_loop_over_heads(q_len):
     g = torch.Generator().manual_seed(0)
     b, heads, kv_heads, keys, dim = 3, 6, 2, 9, 8
     q = torch.randn(b, heads, q_len, dim, generator=g)
@@ -249,17 +263,18 @@ def test_gqa_attention_equals_sdpa_on_repeated_heads(q_len):
     v = torch.randn(b, kv_heads, keys, dim, generator=g)
     mask = torch.rand(b, 1, q_len, keys, generator=g) > 0.3
     mask[..., -1] = True  # every query sees at least one key
-    rep = heads // kv_heads  # transformers' repeat_kv: query head h reads KV head h // rep
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q,
-        k.repeat_interleave(rep, dim=1),
-        v.repeat_interleave(rep, dim=1),
-        attn_mask=mask,
-        scale=0.3,
-    ).transpose(1, 2)
+    ref = attention_by_loop(q, k, v, mask, 0.3).float()
     out, _ = sdpa_gqa(None, q, k, v, mask, scaling=0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(
         sdpa_gqa(None, q, k, v, additive, scaling=0.3)[0], ref, rtol=1e-5, atol=1e-6
+    )
+    # no mask: causal, the last query aligned to the last key (queries continue a cache)
+    causal = torch.ones(q_len, keys, dtype=torch.bool).tril(keys - q_len).expand(b, 1, -1, -1)
+    torch.testing.assert_close(
+        sdpa_gqa(None, q, k, v, None)[0],
+        attention_by_loop(q, k, v, causal, dim**-0.5).float(),
+        rtol=1e-5,
+        atol=1e-6,
     )

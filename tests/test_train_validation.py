@@ -14,7 +14,6 @@ import torch
 import torch.multiprocessing as mp
 from fake_vllm import FakeEngine, FakeSamplingParams
 
-from cppo.training import kv_sampler
 from cppo.training.validation import (
     Shard,
     evaluate_in_memory,
@@ -22,6 +21,7 @@ from cppo.training.validation import (
     shard_runs,
     vllm_engine_validation,
 )
+from evaluation import kv_loop
 from evaluation.backends import TransformersBackend, get_backend
 from evaluation.benchmarks import load_benchmark
 from evaluation.prompting import build_prompts
@@ -420,13 +420,13 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path, sampler):
 
     TransformersBackend.generate = spy
     loop_prompts = []
-    original_sample = kv_sampler.sample
+    original_sample = kv_loop.sample
 
     def loop_spy(model, prompts, **kwargs):
         loop_prompts.append([tok.decode(p) for p in prompts])
         return original_sample(model, prompts, **kwargs)
 
-    kv_sampler.sample = loop_spy
+    kv_loop.sample = loop_spy
     trainer.model.train()  # as during training
     sampling = dict(k=K, temperature=0.7, top_p=0.95, max_new_tokens=4, seed=SEED, batch_size=batch)
     try:
@@ -450,15 +450,16 @@ def test_real_trainer_in_memory_validation_is_evaluate_model(tmp_path, sampler):
             )
     finally:
         TransformersBackend.generate = original
-        kv_sampler.sample = original_sample
+        kv_loop.sample = original_sample
+    (prompts, _, _), _ = calls
     if sampler == "generate":
-        (prompts, _, _), _ = calls
         assert calls[0] == calls[1]  # same prompts, settings and samples as evaluate_model
         assert not loop_prompts
     else:
-        assert not calls and len(loop_prompts) == 2 and loop_prompts[0] == loop_prompts[1]
-        prompts = loop_prompts[0]
-        assert len(prompts) == 3 * K  # one loop call: 3 problems x K samples
+        # same prompts and samples (the trainer also passes synced_gpus=False, unused here)
+        assert calls[0][0] == calls[1][0] and calls[0][2] == calls[1][2]
+        assert len(loop_prompts) == 2 and loop_prompts[0] == loop_prompts[1]
+        assert len(loop_prompts[0]) == 3 * K  # one loop call: 3 problems x K samples
     assert len(set(prompts)) == 3 and all(p.endswith("</think>\n\n") for p in prompts)
     assert record["val/val"] == ref["val"]["avg_at_k"]
     assert trainer.model.training  # train mode restored

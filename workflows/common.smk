@@ -10,7 +10,7 @@ from cppo.pipeline.aggregate import output_csvs
 from cppo.pipeline.commands import format_cli_args
 from cppo.pipeline.config import ConfigError
 from cppo.pipeline.figures import figure_specs
-from cppo.pipeline.jobs import TermHandler, write_json, write_yaml
+from cppo.pipeline.jobs import TermHandler, write_json, yaml_text
 from cppo.pipeline.plan import Plan
 from cppo.pipeline.resources import check as resource_check
 from cppo.pipeline.resources import format_report

@@ -111,9 +111,11 @@ def validation_collapse_step(
 
 
 def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dict[str, float]:
-    """start / best / gain / final / last2 / net of one run's validation means, in %.
+    """start / best / gain / mean / final / last2 / net of one run's validation means, in %.
 
-    A validation without a finite mean (a broken model) counts as 0, as in the collapse rule.
+    mean: the mean of the validations after the start within [0, T_stop], a steadier measure
+    of a run than its best (a maximum over noisy validations). A validation without a finite
+    mean (a broken model) counts as 0, as in the collapse rule.
     """
     vals = [
         (int(r["step"]), r[VAL_MEAN] if is_finite(r.get(VAL_MEAN)) else 0.0) for r in validation
@@ -123,6 +125,9 @@ def stability_values(validation: list[dict[str, Any]], t_stop_steps: int) -> dic
     out: dict[str, float] = {}
     start = dict(vals).get(0)
     best = best_validation(validation, t_stop_steps)
+    after = [v for step, v in vals if 0 < step <= t_stop_steps]
+    if after:
+        out["mean"] = _pct(sum(after) / len(after))
     out["final"] = _pct(vals[-1][1])
     out["last2"] = _pct(sum(v for _, v in vals[-2:]) / len(vals[-2:]))
     if best is not None:

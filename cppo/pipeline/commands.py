@@ -179,5 +179,6 @@ class Commands:
             opts["tensor-parallel-size"] = max(1, self.resources("evaluate", model).get("gpus", 1))
         else:
             opts["batch-size"] = ev["batch_size"]
+            opts["sampler"] = ev["sampler"]
         extra = format_cli_args({**opts, **ev["args"]})
         return f"{files} {extra}"

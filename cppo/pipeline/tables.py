@@ -545,6 +545,7 @@ STABILITY_COLUMNS = [
     ("start", "start"),
     ("best", "best ≤ T_stop"),
     ("gain", "gain (best − start)"),
+    ("mean", "mean in (0, T_stop]"),
     ("final", "final"),
     ("last2", "mean of last 2"),
     ("net", "final − start"),

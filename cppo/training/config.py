@@ -96,7 +96,7 @@ class CPPOConfig(GRPOConfig):
 
     sampler: str = field(
         default="kv_loop",
-        metadata={"help": "Transformers rollouts: kv_loop (cppo.training.kv_sampler) or generate."},
+        metadata={"help": "Transformers rollouts: kv_loop (evaluation.kv_loop) or generate."},
     )
     loss_layout: str = field(
         default="shared_prompt",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Budget for one [chunk, V] logits tile in the top-K search (elements; fp32: 32 MiB, below the
@@ -62,6 +63,12 @@ def head_spec_for(model: nn.Module, temperature: float, cast_fp32: bool) -> Head
         softcap=softcap,
         cast_fp32=cast_fp32,
     )
+
+
+def head_logits(head: nn.Module, hidden: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """Scaled fp32 logits of hidden states: the fused head's arithmetic with `cast_fp32`."""
+    bias = None if head.bias is None else head.bias.float()
+    return spec.transform(F.linear(hidden.float(), head.weight.float(), bias))
 
 
 def _compute_dtype(hidden: torch.Tensor, spec: HeadSpec) -> torch.dtype:

@@ -21,15 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cppo.training.kv_sampler import (
-    gqa_attention,
-    head_logits,
-    left_pad,
-    parts_of,
-    positions,
-    prefill_mask,
-)
-from cppo.training.lmhead import HeadSpec
+from cppo.training.lmhead import HeadSpec, head_logits
+from evaluation.kv_loop import gqa_attention, left_pad, parts_of, positions, prefill_mask
 
 # logits elements per chunk (fp32: 64 MiB)
 CHUNK_ELEMENTS = 1 << 24

@@ -37,17 +37,17 @@ from cppo.divergence import compute_divergence
 from cppo.rules import RuleBatch, RuleContractError, aggregate_loss, get_rule
 from cppo.run.config import divergence_plan
 from cppo.run.metrics import MetricsWriter
-from cppo.training import kv_sampler
 from cppo.training.config import CPPOConfig
 from cppo.training.diagnostics import StepLog
 from cppo.training.engine import EngineGeneration
-from cppo.training.lmhead import HeadCapture, HeadRequest, head_spec_for
+from cppo.training.lmhead import HeadCapture, HeadRequest, head_logits, head_spec_for
 from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
 from cppo.training.shared_prompt import shared_prompt_forward
 from cppo.training.validation import ValidationFn
 from cppo.training.validation_callback import InLoopValidation
 from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
+from evaluation import kv_loop
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class CPPOTrainer(GRPOTrainer):
         self._head_request: HeadRequest | None = None  # see _capturing_head
         self._reward_stash: torch.Tensor | None = None
         self._vllm_topk: list | None = None
-        self._loop_record: kv_sampler.Rollouts | None = None  # mu from the KV-cache loop
+        self._loop_record: kv_loop.Rollouts | None = None  # mu from the KV-cache loop
         # the shared-prompt layout counts each prompt once: a router aux loss would change
         self._shared_prompt = (
             args.loss_layout == "shared_prompt" and not self.aux_loss_enabled and base is self.model
@@ -285,7 +285,7 @@ class CPPOTrainer(GRPOTrainer):
         return completion_ids, sampled
 
     def _loop_generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], None]:
-        """Rollouts from the KV-cache loop (cppo.training.kv_sampler); mu's sampled log-probs
+        """Rollouts from the KV-cache loop (evaluation.kv_loop); mu's sampled log-probs
         and top-K are kept from its logits for the recording step."""
         if self.min_p is not None or self.repetition_penalty != 1.0:
             raise ValueError("sampler kv_loop draws with temperature, top_k and top_p only")
@@ -297,7 +297,9 @@ class CPPOTrainer(GRPOTrainer):
                 gather_deepspeed3_params=self.args.ds3_gather_for_generation,
             ) as model,
         ):
-            record = kv_sampler.sample(
+            spec = head_spec_for(model, 1.0, cast_fp32=True)  # the loop divides by T
+            _, lm_head = kv_loop.parts_of(model)
+            record = kv_loop.sample(
                 model,
                 prompt_ids,
                 max_new_tokens=self.max_completion_length,
@@ -307,6 +309,7 @@ class CPPOTrainer(GRPOTrainer):
                 top_p=self.top_p,
                 top_k=self.top_k or 0,
                 record_topk=self._topk,
+                head=lambda hidden: head_logits(lm_head, hidden, spec),
             )
         self._loop_record = record
         return [list(c) for c in record.completions], None

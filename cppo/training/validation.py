@@ -10,7 +10,7 @@ the (problem, sample) pairs; the per-sample grades are gathered
 get None):
 
 - `evaluate_in_memory`: the in-memory model, sampled by the KV-cache loop of
-  cppo.training.kv_sampler (`sampler="kv_loop"`, what the trainer passes by default: shard `i`
+  evaluation.kv_loop (`sampler="kv_loop"`, what the trainer passes by default: shard `i`
   seeds batch `b` with batch_seed(seed + i, b)) or by transformers `generate`
   (`sampler="generate"`). With `generate` and one shard it is exactly
   `evaluation.runner.evaluate_model`. With several, shard `i` takes a contiguous block
@@ -226,7 +226,7 @@ def evaluate_in_memory(
     **kw: Any,
 ) -> dict[str, dict] | None:
     """Avg@k of an in-memory model, sampled by transformers `generate` or (`sampler="kv_loop"`)
-    the KV-cache loop of cppo.training.kv_sampler.
+    the KV-cache loop of evaluation.kv_loop.
 
     With `generate` and no `shard`, or a single one, this is evaluation.runner.evaluate_model
     (same samples, same summaries). Otherwise every process must call it (see the module
@@ -248,17 +248,15 @@ def evaluate_in_memory(
         # one process: transformers syncs nothing without other processes
         return evaluate_model(model, tokenizer, list(benchmarks), **kw)
     shard = shard or Shard()
-    backend = TransformersBackend(model, tokenizer, batch_size=kw.pop("batch_size", 64))
+    backend = TransformersBackend(
+        model, tokenizer, batch_size=kw.pop("batch_size", 64), sampler=sampler
+    )
     k, seed = int(kw.pop("k")), int(kw.pop("seed", 0))
     sampling = {key: kw.pop(key) for key in ("temperature", "top_p", "max_new_tokens")}
     model_name = kw.pop("model_name", None) or backend.name
 
     def generate_runs(prompts: list[str], runs: list[Run]) -> list[list[Any]]:
         # whole problems: every run is (problem, 0, k)
-        if sampler == "kv_loop":
-            return _loop_runs(
-                backend, [prompts[p] for p, _, _ in runs], k, seed + shard.index, **sampling
-            )
         return backend.generate(
             [prompts[p] for p, _, _ in runs],
             n=k,
@@ -280,44 +278,6 @@ def evaluate_in_memory(
         **sampling,
         **kw,
     )
-
-
-def _loop_runs(
-    backend: Any,
-    prompts: list[str],
-    n: int,
-    seed: int,
-    *,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-) -> list[list[Any]]:
-    """`n` samples of each prompt from the KV-cache loop, `backend.batch_size` per call."""
-    from cppo.training.kv_sampler import sample
-    from evaluation.backends import batch_seed
-
-    tok = backend.tokenizer
-    eos = backend.eos_ids()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    device = next(backend.model.parameters()).device
-    ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
-    flat = [(p, j) for p in range(len(prompts)) for j in range(n)]
-    out: list[list[Any]] = [[None] * n for _ in prompts]
-    for b, start in enumerate(range(0, len(flat), backend.batch_size)):
-        chunk = flat[start : start + backend.batch_size]
-        got = sample(
-            backend.model,
-            [ids[p] for p, _ in chunk],
-            max_new_tokens=int(max_new_tokens),
-            eos_ids=eos,
-            pad_id=pad,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            generator=torch.Generator(device).manual_seed(batch_seed(seed, b)),
-        )
-        for (p, j), completion in zip(chunk, got.completions, strict=True):
-            out[p][j] = backend.to_sample(completion, eos)
-    return out
 
 
 def vllm_engine_validation(

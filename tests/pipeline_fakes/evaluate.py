@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--grading-mode")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--sampler", choices=("kv_loop", "generate"))
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
