@@ -7,8 +7,8 @@ the same HF model with
 
 - one preallocated key/value buffer per layer ([rows, kv_heads, capacity, head_dim]), written in
   place;
-- attention by two matmuls with the query heads of a KV head stacked (`sdpa_gqa`), so the KV
-  heads are never repeated;
+- attention that never repeats the grouped KV heads (`sdpa_gqa`: two matmuls with a KV head's
+  query heads stacked when decoding, PyTorch's fused kernel for a prefill);
 - each distinct prompt prefilled once and its K/V copied to its samples' rows (a GRPO batch
   holds every prompt `n` times);
 - finished rows dropped from the batch once a quarter of it has finished.
