@@ -16,6 +16,7 @@ from trl import GRPOConfig
 
 from cppo.divergence import DIVERGENCE_KINDS
 from cppo.training.schedule import BatchPlan, plan_batches
+from evaluation.backends import SAMPLERS
 
 # run.yaml `vllm` keys that configure the engine itself (cppo.training.engine.engine_kwargs)
 ENGINE_KEYS = (
@@ -105,8 +106,8 @@ class CPPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sampler not in ("kv_loop", "generate"):
-            raise ValueError(f"sampler must be 'kv_loop' or 'generate', got {self.sampler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.loss_layout not in ("shared_prompt", "padded"):
             raise ValueError(
                 f"loss_layout must be 'shared_prompt' or 'padded', got {self.loss_layout!r}"

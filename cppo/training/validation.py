@@ -239,11 +239,11 @@ def evaluate_in_memory(
     together, which cannot work when they sample different problems, make different numbers
     of calls, or (a shard without problems) none at all.
     """
-    from evaluation.backends import TransformersBackend
+    from evaluation.backends import SAMPLERS, TransformersBackend
     from evaluation.runner import evaluate_model
 
-    if sampler not in ("generate", "kv_loop"):
-        raise ValueError(f"sampler must be 'generate' or 'kv_loop', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "generate" and (shard is None or shard.count == 1):
         # one process: transformers syncs nothing without other processes
         return evaluate_model(model, tokenizer, list(benchmarks), **kw)
