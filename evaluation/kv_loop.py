@@ -5,12 +5,14 @@ evaluation engine.
 token, and the grouped-query heads repeated to the query heads every step). This loop runs
 the same HF model with
 
-- one preallocated key/value buffer per layer ([rows, kv_heads, capacity, head_dim]), written in
-  place;
-- attention that never repeats the grouped KV heads (`sdpa_gqa`: two matmuls with a KV head's
-  query heads stacked when decoding, PyTorch's fused kernel for a prefill);
-- each distinct prompt prefilled once and its K/V copied to its samples' rows (a GRPO batch
-  holds every prompt `n` times);
+- each distinct prompt prefilled once and its keys/values kept once (a GRPO batch holds every
+  prompt `n` times, an Avg@k evaluation k times);
+- one preallocated key/value buffer per layer for the sampled tokens ([rows, kv_heads,
+  capacity, head_dim]), written in place;
+- decoding attention in two parts (`PromptSharedKV`): the prompt's keys read once for all its
+  samples (their query rows stacked into one matmul), the row's own sampled tokens, one softmax
+  over both. At these sizes decoding is bound by reading the cache, and the prompt is most of it;
+- attention that never repeats the grouped KV heads (`sdpa_gqa`);
 - finished rows dropped from the batch once a quarter of it has finished.
 
 It draws from exactly the model's distribution: logits / temperature, then top-k, then top-p
@@ -18,8 +20,8 @@ It draws from exactly the model's distribution: logits / temperature, then top-k
 same logits give mu's record for the trainer at no extra forward: the sampled token's log-prob
 and the top-K of log_softmax(logits / temperature) (untruncated, as the trainer recomputes it).
 
-Rows are left-padded in the buffer; a boolean mask hides padding, and positions count real
-tokens only (transformers' generate convention), so each row sees what it would see alone.
+Prompts are left-padded; a boolean mask hides padding, and positions count real tokens only
+(transformers' generate convention), so each row sees what it would see alone.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ GQA_ATTENTION = "cppo_sdpa_gqa"
 COMPACT_SHARE = 0.25
 
 
-def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **_):
+def sdpa_gqa(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, prompt_kv=None, **_
+):
     """transformers attention function: grouped-query heads broadcast, never copied.
 
     One query row per sequence (a decoding step): explicit matmul attention, the query heads of
@@ -45,7 +49,9 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     kernel at these sizes (head sizes of 24-32). Several query rows (a prefill, the loss
     forward): PyTorch's fused kernel reading the grouped heads itself (`enable_gqa`), 1.6x
     faster than the matmuls there in forward + backward on CPU. A missing mask is causal,
-    aligned to the last key. `attention_mask`: boolean (True = attend) or additive."""
+    aligned to the last key. `attention_mask`: boolean (True = attend) or additive.
+    `prompt_kv` (a `PromptSharedKV` while decoding): `key`/`value` are the rows' own tokens and
+    the prompt part comes from it."""
     if dropout:
         raise ValueError("sdpa_gqa: attention dropout is not supported")
     b, heads, q_len, dim = query.shape
@@ -55,6 +61,8 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     if attention_mask is None and q_len > 1:
         causal = torch.ones(q_len, keys, dtype=torch.bool, device=query.device)
         attention_mask = causal.tril(keys - q_len)
+    if prompt_kv is not None and q_len == 1:
+        return prompt_kv.attend(module.layer_idx, query, key, value, attention_mask, scale), None
     if q_len > 1:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=True
@@ -62,14 +70,7 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
         return out.transpose(1, 2).contiguous(), None
     q = query.reshape(b, kv_heads, groups * q_len, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)
-    scores = scores.view(b, kv_heads, groups, q_len, keys)
-    if attention_mask is not None:
-        if attention_mask.dim() == 4:  # [b, 1, q, k]
-            attention_mask = attention_mask[:, :, None]
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:  # an additive mask
-            scores = scores + attention_mask
+    scores = _masked_scores(scores.view(b, kv_heads, groups, q_len, keys), attention_mask)
     probs = scores.softmax(dim=-1).view(b, kv_heads, groups * q_len, keys)
     out = torch.matmul(probs, value).view(b, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
@@ -126,18 +127,55 @@ def plain_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda hidden: F.linear(hidden.float(), lm_head.weight.float(), bias)
 
 
-class KVBuffer:
-    """A transformers cache (duck-typed: `update`) over preallocated per-layer buffers.
+def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """scores [b, kv, g, q, k] under a [b, 1, q, k] mask, boolean (True = attend) or additive."""
+    if mask is None:
+        return scores
+    if mask.dim() == 4:
+        mask = mask[:, :, None]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
 
-    `length` slots are filled; a forward writes its tokens after them and the caller advances
-    `length` once per forward (every layer writes the same slots)."""
 
-    def __init__(self, rows: int, capacity: int):
-        self.rows, self.capacity, self.length = rows, capacity, 0
+class PromptSharedKV:
+    """A transformers cache (duck-typed: `update`) holding each distinct prompt's keys/values
+    once and each row's sampled tokens in preallocated buffers.
+
+    Prefill (`decoding` False): the distinct prompts' keys/values are kept as computed. Decoding:
+    a forward writes its token after the `length` filled slots of each row and `attend` adds the
+    prompt part; the caller advances `length` once per forward (every layer writes one slot).
+    `owner[r]` is the prompt of row r."""
+
+    def __init__(self, owner: torch.Tensor, prompt_valid: torch.Tensor, capacity: int):
+        self.capacity, self.length, self.decoding = capacity, 0, False
+        self.prompt_valid = prompt_valid  # [prompts, width], False on left padding
+        self.prompt_keys: list[torch.Tensor] = []
+        self.prompt_values: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self._rows_are(owner)
+
+    def _rows_are(self, owner: torch.Tensor) -> None:
+        """Row r attends to prompt owner[r]; its query sits at place `rank[r]` among that
+        prompt's rows, so one matmul per prompt reads that prompt's keys for all its rows."""
+        self.owner, self.rows = owner, len(owner)
+        counts: dict[int, int] = {}
+        rank = []
+        for o in owner.tolist():
+            rank.append(counts.get(o, 0))
+            counts[o] = rank[-1] + 1
+        self.per_prompt = max(counts.values())
+        self.rank = torch.tensor(rank, device=owner.device)
+        self.row_prompt_valid = self.prompt_valid.index_select(0, owner)[:, None, None, :]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_, **__):
+        if not self.decoding:
+            # contiguous: the projections leave them head-major, and a matmul would copy them
+            # back at every decoding step
+            self.prompt_keys.append(key.contiguous())
+            self.prompt_values.append(value.contiguous())
+            return key, value
         if layer_idx == len(self.keys):
             shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
             self.keys.append(key.new_empty(shape))
@@ -150,12 +188,6 @@ class KVBuffer:
         v[:, :, self.length : end] = value
         return k[:, :, :end], v[:, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Rows in this order, into new buffers (e.g. each prompt's K/V to its samples' rows)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.rows = int(rows.numel())
-
     def keep(self, rows: list[int]) -> None:
         """Keep these rows (ascending), moved down in place: dropping finished rows needs no
         second buffer."""
@@ -163,9 +195,43 @@ class KVBuffer:
             if new != old:
                 for buf in (*self.keys, *self.values):
                     buf[new, :, : self.length] = buf[old, :, : self.length]
-        self.keys = [k[: len(rows)] for k in self.keys]
-        self.values = [v[: len(rows)] for v in self.values]
-        self.rows = len(rows)
+        n = len(rows)
+        self.keys = [k[:n] for k in self.keys]
+        self.values = [v[:n] for v in self.values]
+        self._rows_are(self.owner[torch.tensor(rows, device=self.owner.device)])
+
+    def _by_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, kv, g, n] -> [prompts, kv, per_prompt * g, n], zeros at empty places."""
+        rows, kv, g, n = x.shape
+        table = x.new_zeros(self.prompt_valid.shape[0], kv, self.per_prompt, g, n)
+        table[self.owner, :, self.rank] = x
+        return table.view(table.shape[0], kv, self.per_prompt * g, n)
+
+    def _by_row(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """Inverse of `_by_prompt`: [prompts, kv, per_prompt * g, n] -> [rows, kv, g, n]."""
+        prompts, kv, _, n = x.shape
+        return x.view(prompts, kv, self.per_prompt, g, n)[self.owner, :, self.rank]
+
+    def attend(self, layer, query, key, value, mask, scale) -> torch.Tensor:
+        """One decoding step's attention over [the row's prompt | the row's own tokens]: the
+        same softmax as over one concatenated sequence. query [rows, heads, 1, dim]."""
+        rows, heads, _, dim = query.shape
+        kv = key.shape[1]
+        g = heads // kv
+        q = query.view(rows, kv, g, dim)
+        prompt_scores = self._by_row(
+            torch.matmul(self._by_prompt(q), self.prompt_keys[layer].transpose(-1, -2)), g
+        )
+        prompt_scores = prompt_scores.masked_fill(~self.row_prompt_valid, float("-inf"))
+        own = torch.matmul(q, key.transpose(-1, -2)).view(rows, kv, g, 1, -1)
+        own = _masked_scores(own, mask).view(rows, kv, g, -1)
+        width = prompt_scores.shape[-1]
+        probs = torch.cat([prompt_scores, own], dim=-1).mul_(scale).softmax(dim=-1)
+        out = self._by_row(
+            torch.matmul(self._by_prompt(probs[..., :width]), self.prompt_values[layer]), g
+        )
+        out = out + torch.matmul(probs[..., width:], value)
+        return out.view(rows, heads, 1, dim).transpose(1, 2).contiguous()
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +326,7 @@ def sample(
     )
     distinct = list(index)
     ids, valid = left_pad(distinct, pad_id, device)
-    width = ids.shape[1]
-    cache = KVBuffer(len(distinct), width + max_new_tokens)
+    cache = PromptSharedKV(owner, valid, max_new_tokens)
     was_training = model.training
     model.eval()
     try:
@@ -273,12 +338,10 @@ def sample(
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state[:, -1]
-            cache.length = width
-            cache.select(owner)
+            cache.decoding = True
             logits = (head(hidden) / t).index_select(0, owner)
             rows = len(prompts)
             alive = torch.arange(rows, device=device)  # original index of each buffer row
-            row_valid = valid.index_select(0, owner)
             next_pos = valid.sum(dim=1).index_select(0, owner)
             tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
             token_logps = torch.zeros((rows, max_new_tokens), device=device)
@@ -311,17 +374,18 @@ def sample(
                 if int((~keep).sum()) >= COMPACT_SHARE * len(alive):
                     kept = keep.nonzero().squeeze(1)
                     cache.keep(kept.tolist())
-                    alive, tok = alive[kept], tok[kept]
-                    row_valid, next_pos = row_valid[kept], next_pos[kept]
-                slot_mask = torch.cat(
-                    [row_valid, row_valid.new_ones((len(alive), cache.length - width + 1))], dim=1
+                    alive, tok, next_pos = alive[kept], tok[kept], next_pos[kept]
+                # the rows' own tokens: no padding (the prompt part's is masked in the cache)
+                own = torch.ones(
+                    len(alive), 1, 1, cache.length + 1, dtype=torch.bool, device=device
                 )
                 hidden = backbone(
                     input_ids=tok[:, None],
-                    attention_mask=slot_mask[:, None, None, :],
+                    attention_mask=own,
                     position_ids=next_pos[:, None],
                     past_key_values=cache,
                     use_cache=True,
+                    prompt_kv=cache,
                 ).last_hidden_state[:, -1]
                 cache.length += 1
                 next_pos = next_pos + 1

@@ -178,6 +178,45 @@ def test_cli_end_to_end(toy_file, tmp_path, capsys):
     assert json.loads((regraded / "val.summary.json").read_text())["grading_mode"] == "math-verify"
 
 
+def test_evaluate_run_in_process_writes_what_the_subprocess_writes(toy_file, tmp_path, monkeypatch):
+    """The pipeline runs the default evaluate command (`python -m evaluation`) in its own
+    process; the outputs of two checkpoints in a row equal those of one subprocess each."""
+    from cppo.pipeline import jobs
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(model_dir)
+    sel = tmp_path / "selection.json"
+    sel.write_text(
+        json.dumps(
+            {
+                "run_dir": "runs/x",
+                "best": {"step": 2, "path": str(model_dir)},
+                "final": {"step": 4, "path": str(model_dir)},
+            }
+        )
+    )
+    args = [
+        "--benchmark-file", str(toy_file), "--k", "3", "--max-new-tokens", "8",
+        "--temperature", "0.9", "--backend", "transformers", "--sampler", "kv_loop",
+        "--seed", "5", "--no-progress",
+    ]  # fmt: skip
+    calls = []
+    real_call = jobs.subprocess.call
+    monkeypatch.setattr(jobs.subprocess, "call", lambda cmd: calls.append(cmd) or real_call(cmd))
+    inproc, sub = tmp_path / "inproc", tmp_path / "sub"
+    assert jobs.evaluate_run(sel, ["best", "final"], inproc, [*jobs.EVALUATION_CLI, *args]) == 0
+    assert calls == []
+    python = [sys.executable, "-m", "evaluation"]
+    assert jobs.evaluate_run(sel, ["best", "final"], sub, [*python, *args]) == 0
+    assert len(calls) == 2
+    for ckpt in ("best", "final"):
+        files = sorted(p.name for p in (sub / ckpt).iterdir())
+        assert files == sorted(p.name for p in (inproc / ckpt).iterdir()) and files
+        for name in files:
+            assert (inproc / ckpt / name).read_text() == (sub / ckpt / name).read_text(), name
+    assert jobs.evaluate_run(sel, ["best"], tmp_path / "bad", [*jobs.EVALUATION_CLI, "--k"]) == 2
+
+
 def test_cli_module_entry_point():
     done = subprocess.run(
         [sys.executable, "-m", "evaluation", "--help"], capture_output=True, text=True, timeout=120

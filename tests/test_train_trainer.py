@@ -287,6 +287,63 @@ def test_zero_variance_groups_leave_the_loss_unchanged(assets, tmp_path, mask_st
         assert full != pytest.approx(only_mixed, rel=1e-3)
 
 
+def test_rows_outside_the_loss_run_without_a_graph_and_change_nothing(assets, tmp_path):
+    """The shared-prompt layout runs zero-variance groups (outside the loss by mask_std_0)
+    without a graph. Loss, gradients and the diagnostics' inputs equal those of the padded
+    layout's single HF forward over the whole batch, with a graph for every row."""
+    import cppo.training.trainer as trainer_module
+
+    sched = {"prompts_per_iter": 2, "minibatch": 2, "updates_per_iter": 1, "micro_batch": 8}
+    out = {}
+    for layout in ("shared_prompt", "padded"):
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            assets,
+            tmp_path / layout,
+            {"rule": "cppo"},
+            reward=two_groups_reward,
+            schedule=sched,
+            transformers={"sampler": "generate", "loss_layout": layout},
+        )
+        trainer.model.train()
+        rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(N)]
+        if layout == "shared_prompt":
+            torch.manual_seed(1)
+            batch = trainer._generate_and_score_completions(rows)
+            assert batch["group_keep"].tolist() == [True] * N + [False] * N
+            torch.manual_seed(2)
+            noise = [0.01 * torch.randn_like(p) for p in trainer.model.parameters()]
+        with torch.no_grad():  # the same perturbed policy in both, so ratios are not all 1
+            for p, d in zip(trainer.model.parameters(), noise, strict=True):
+                p.add_(d)
+        trainer._attach_normalisers([batch])
+        graphs = []
+        original = trainer_module.shared_prompt_forward
+
+        def spy(*a, graphs=graphs, original=original, **kw):
+            graphs.append(torch.is_grad_enabled())
+            return original(*a, **kw)
+
+        trainer_module.shared_prompt_forward = spy
+        try:
+            logps, entropies, _, _ = trainer._policy_logps(trainer.model, batch)
+            loss = trainer._compute_loss(trainer.model, batch)
+        finally:
+            trainer_module.shared_prompt_forward = original
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        out[layout] = (float(loss.detach()), grads, logps.detach(), entropies, graphs)
+    shared, padded = out["shared_prompt"], out["padded"]
+    assert shared[4] == [True, False] * 2, "want one forward with a graph, one without, per call"
+    assert padded[4] == []
+    assert shared[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-7)
+    for a, b in zip(shared[1], padded[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(shared[2][mask], padded[2][mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[3][mask], padded[3][mask], rtol=0, atol=1e-5)
+
+
 def test_gradient_accumulation_does_not_change_the_step(assets, tmp_path):
     records = []
     for micro in (8, 4, 2):

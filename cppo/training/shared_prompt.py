@@ -72,6 +72,20 @@ class TokenStats:
     entropies: torch.Tensor  # [B, C]
     gathered: torch.Tensor | None  # [B, C, K]
 
+    @staticmethod
+    def cat(parts: list[TokenStats], rows: torch.Tensor) -> TokenStats:
+        """The parts' rows stacked, then put back in place: row i of the stack is row rows[i]."""
+        back = torch.argsort(rows)
+
+        def join(xs):
+            return None if xs[0] is None else torch.cat(xs).index_select(0, back)
+
+        return TokenStats(
+            join([p.logps for p in parts]),
+            join([p.entropies for p in parts]),
+            join([p.gathered for p in parts]),
+        )
+
 
 def _stats(head, spec, hidden, ids, gather_ids):
     logp = head_logits(head, hidden, spec).log_softmax(dim=-1)

@@ -43,7 +43,7 @@ from cppo.training.engine import EngineGeneration
 from cppo.training.lmhead import HeadCapture, HeadRequest, head_logits, head_spec_for
 from cppo.training.progress import RunProgress
 from cppo.training.rewards import DapoReward
-from cppo.training.shared_prompt import shared_prompt_forward
+from cppo.training.shared_prompt import TokenStats, shared_prompt_forward
 from cppo.training.validation import ValidationFn
 from cppo.training.validation_callback import InLoopValidation
 from cppo.vllm_logprobs import pad_topk, split_vllm_logprobs
@@ -475,15 +475,31 @@ class CPPOTrainer(GRPOTrainer):
         gather_ids = inputs.get("mu_topk_ids")
         if self._shared_prompt and self.accelerator.unwrap_model(model) is model:
             # (a wrapped model, e.g. DDP, must run its own forward to sync gradients)
-            stats = shared_prompt_forward(
-                model,
-                prompt_ids,
-                prompt_mask,
-                completion_ids,
-                self._head.spec,
-                gather_ids,
-                completion_mask=completion_mask,
-            )
+            def forward(rows: torch.Tensor) -> TokenStats:
+                return shared_prompt_forward(
+                    model,
+                    prompt_ids[rows],
+                    prompt_mask[rows],
+                    completion_ids[rows],
+                    self._head.spec,
+                    None if gather_ids is None else gather_ids[rows],
+                    completion_mask=completion_mask[rows],
+                )
+
+            in_loss = self._eligible(inputs).any(dim=1)
+            n = int(in_loss.sum())
+            if 0 < n < len(in_loss) and torch.is_grad_enabled():
+                # rows outside the loss (zero-variance groups, mask_std_0) feed only the
+                # diagnostics: no graph for them, the same loss and gradient, a shorter backward
+                order = torch.cat([in_loss.nonzero(), (~in_loss).nonzero()]).squeeze(1)
+                live = forward(order[:n])
+                with torch.no_grad():
+                    rest = forward(order[n:])
+                stats = TokenStats.cat([live, rest], order)
+            else:
+                # nothing in the loss: a full graph still, so every gradient is a zero (AdamW
+                # moves weights on zero gradients, not on missing ones)
+                stats = forward(torch.arange(len(in_loss), device=in_loss.device))
             gathered = None if stats.gathered is None else stats.gathered.detach()
             return stats.logps, stats.entropies, None, gathered
         width = completion_ids.size(1)
