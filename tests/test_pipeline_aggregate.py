@@ -259,6 +259,44 @@ def test_all_seeds_collapsed_shows_collapse(tmp_path, monkeypatch):
     assert grid.rows == [["Method A", "30.00"]]
 
 
+def test_a_column_with_its_own_seeds(tmp_path, monkeypatch):
+    """models.<m>.seeds: that column's runs, cells and notes count its seeds, not the top-level."""
+    import copy
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config(methods=("a",))
+    cfg["models"]["m2"] = copy.deepcopy(cfg["models"]["m"])
+    cfg["models"]["m2"].update(label="Model M2", seeds=[0, 1, 2, 3, 4])
+    cfg["run"]["models"] = ["m", "m2"]
+    plan = Plan(cfg)
+    assert plan.matrix.seeds_of("m") == [0, 1, 2] and plan.matrix.seeds_of("m2") == [0, 1, 2, 3, 4]
+    assert plan.matrix.seeds == [0, 1, 2, 3, 4]
+    assert sorted((mo, s) for mo, _, s in plan.matrix.runs) == [("m", s) for s in range(3)] + [
+        ("m2", s) for s in range(5)
+    ]
+    # m2: best within T_stop (steps 0-6) of val/mean = 0.1 * (seed + 1), at step 2
+    for seed in range(5):
+        vals = {st: (0.0, 0.0) for st in (0, 4, 6, 8)} | {2: (0.1 * (seed + 1),) * 2}
+        write_run(Path(plan.matrix.run_dir("m2", "a", seed)), vals, train_recs())
+    for seed in range(3):
+        write_run(Path(plan.matrix.run_dir("m", "a", seed)), A_VALS[seed], train_recs())
+    manifest = plan.manifest()
+    assert manifest["models"]["m2"]["seeds"] == [0, 1, 2, 3, 4]
+    frames = aggregate.collect(manifest)
+    grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
+    # m: 30, 40, 50 (t over 3 seeds); m2: 10..50 (t over 5 seeds: t_{0.975,4} = 2.776)
+    hw3, hw5 = 4.303 * 10 / math.sqrt(3), 2.776 * statistics.stdev([10, 20, 30, 40, 50]) / 5**0.5
+    assert grid.rows == [["Method A", f"40.00 ± {hw3:.2f}", f"30.00 ± {hw5:.2f}"]]
+    assert "over n seeds per column (Model M: 3, Model M2: 5)" in " ".join(grid.notes)
+    # a missing run of m2 shows as n=4 of its 5, not of the top-level 3
+    import shutil
+
+    shutil.rmtree(plan.matrix.run_dir("m2", "a", 4))
+    frames = aggregate.collect(manifest)
+    grid = tables.table1_grid(frames["table1"], frames["run_status"], manifest)
+    assert "n=4" in grid.rows[0][2]
+
+
 def test_posthoc_rows_from_summaries(synth):
     plan, manifest = synth
     for run in expand_runs(manifest):

@@ -42,6 +42,16 @@ def test_shipped_configs_are_valid(name):
     assert plan.matrix.runs
 
 
+def test_the_six_seed_overlay_adds_seeds_to_the_8_update_column_only():
+    plan = Plan(load_config(ROOT / "config" / "toy.yaml", ROOT / "config" / "toy-6seeds.yaml"))
+    default = Plan(load_config(ROOT / "config" / "toy.yaml"))
+    assert plan.matrix.profile == default.matrix.profile  # the default's runs are reused
+    assert plan.matrix.seeds_of("toy-s-2up") == [0, 1, 2]
+    assert plan.matrix.seeds_of("toy-s-8up") == [0, 1, 2, 3, 4, 5]
+    assert len(plan.matrix.runs) == 8 * 3 + 8 * 6
+    assert set(default.matrix.runs) < set(plan.matrix.runs)
+
+
 def test_matrix_sizes():
     sizes = {n: len(Plan(load_config(ROOT / "config" / f"{n}.yaml")).matrix.runs) for n in CONFIGS}
     assert sizes == {

@@ -28,6 +28,7 @@ CONFIG_FILES = {
     "toy-sweep": ["toy.yaml", "toy-sweep.yaml"],
     "toy-seeds": ["toy.yaml", "toy-seeds.yaml"],
     "toy-8up": ["toy.yaml", "toy-8up.yaml"],
+    "toy-6seeds": ["toy.yaml", "toy-6seeds.yaml"],
     "paper": ["paper.yaml"],
     "ablations": ["ablations.yaml"],
     "conventions": ["conventions.yaml"],

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cppo.pipeline.layout import expand_runs
+from cppo.pipeline.layout import expand_runs, seeds_of
 from cppo.pipeline.stats import seed_stat
 from cppo.run.metrics import RunMetrics, read_metrics
 
@@ -201,7 +201,7 @@ def _plot_method_curves(
             ms=3,
             label=manifest["methods"][meth]["label"],
         )
-        if len(manifest["seeds"]) > 1:
+        if len(seeds_of(manifest, model)) > 1:
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
         plotted = True
     return plotted

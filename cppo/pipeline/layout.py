@@ -25,6 +25,11 @@ def eval_summary(root: str, model: str, method: str, seed: int | str, ckpt: str,
     return f"{eval_dir(root, model, method, seed, ckpt)}/{bench}.summary.json"
 
 
+def seeds_of(manifest: dict[str, Any], model: str) -> list[int]:
+    """A column's seeds (a manifest written before per-column seeds: the top-level list)."""
+    return [int(s) for s in manifest["models"][model].get("seeds", manifest["seeds"])]
+
+
 def expand_runs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest's runs with their paths and resolved method parameters filled in."""
     root = manifest["results_dir"]

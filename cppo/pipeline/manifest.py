@@ -43,6 +43,7 @@ def build_manifest(matrix: RunMatrix, resolver: RunResolver) -> dict[str, Any]:
         models[m] = {
             "label": entry["label"],
             "stands_for": entry["stands_for"],
+            "seeds": matrix.seeds_of(m),
             "source": entry["source"],
             "updates_per_iter": resolver.updates_per_iter(m),
             "iterations": resolver.schedule(m)["iterations"],

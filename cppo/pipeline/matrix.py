@@ -31,13 +31,18 @@ class RunMatrix:
     def methods(self) -> list[str]:
         return list(self.cfg["run"]["methods"])
 
+    def seeds_of(self, model: str) -> list[int]:
+        """The model's (column's) seeds: its own `seeds`, else the top-level ones."""
+        return list(self.cfg["models"][model].get("seeds") or self.cfg["seeds"])
+
     @property
     def seeds(self) -> list[int]:
-        return list(self.cfg["seeds"])
+        """Every seed of some column."""
+        return sorted({s for mo in self.models for s in self.seeds_of(mo)})
 
     @property
     def runs(self) -> list[tuple[str, str, int]]:
-        return [(mo, me, s) for mo in self.models for me in self.methods for s in self.seeds]
+        return [(mo, me, s) for mo in self.models for me in self.methods for s in self.seeds_of(mo)]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

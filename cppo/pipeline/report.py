@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from cppo.pipeline.layout import seeds_of
+
 
 def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start)
@@ -37,12 +39,15 @@ def write_summary(
     lines = [f"# {manifest['title']}", ""]
     if manifest.get("description"):
         lines += [manifest["description"].strip(), ""]
-    models = ", ".join(m["label"] for m in manifest["models"].values())
+    models = ", ".join(
+        f"{m['label']} (seeds {', '.join(map(str, seeds_of(manifest, name)))})"
+        for name, m in manifest["models"].items()
+    )
     methods = ", ".join(m["label"] for m in manifest["methods"].values())
     lines += [
         f"- models: {models}",
         f"- methods: {methods}",
-        f"- seeds: {', '.join(map(str, manifest['seeds']))} ({len(manifest['runs'])} runs)",
+        f"- runs: {len(manifest['runs'])}",
         f"- validation: {', '.join(manifest['validation']['benchmarks'])}, "
         f"Avg@{manifest['validation']['k']} every {manifest['validation']['every']} iterations",
         "",

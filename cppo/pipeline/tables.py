@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from cppo.pipeline.layout import seeds_of
 from cppo.pipeline.paper import paper_table
 from cppo.pipeline.stats import seed_stat
 
@@ -115,11 +116,11 @@ def summarize(
     """
     collapsed = _collapsed_runs(status, manifest)
     stats: dict[tuple, Stat] = {}
-    seeds = [int(s) for s in manifest["seeds"]]
     groups = df.groupby(by, sort=False) if len(df) else []
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         info = dict(zip(by, key, strict=True))
+        seeds = seeds_of(manifest, info["model"])
         its = [
             collapsed[(info["model"], info["method"], s)]
             for s in seeds
@@ -429,11 +430,20 @@ class Grid:
 
 
 def _seed_note(manifest: dict[str, Any]) -> str:
-    n = len(manifest["seeds"])
-    if n == 1:
-        return f"One seed ({manifest['seeds'][0]}): no interval, no ranking; values in %."
+    counts = {m: len(seeds_of(manifest, m)) for m in manifest["models"]}
+    if set(counts.values()) == {1}:
+        seeds = sorted({seeds_of(manifest, m)[0] for m in counts})
+        return f"One seed ({', '.join(map(str, seeds))}): no interval, no ranking; values in %."
+    if len(set(counts.values())) == 1:
+        over = f"n = {next(iter(counts.values()))} seeds"
+    else:
+        over = (
+            "n seeds per column ("
+            + ", ".join(f"{manifest['models'][m]['label']}: {n}" for m, n in counts.items())
+            + ")"
+        )
     return (
-        f"Mean ± half-width of the 95% Student-t interval over n = {n} seeds (a cell with "
+        f"Mean ± half-width of the 95% Student-t interval over {over} (a cell with "
         "fewer says n=; per-seed values in the CSV); values in %. Bold: the best mean of a "
         "column, only where its interval does not overlap the runner-up's."
     )

@@ -180,8 +180,8 @@ def training_job(plan: Plan, model: str, root: str | Path | None = None) -> Trai
         keep_checkpoints=None if keep == "all" else int(keep),
         snapshots=str(run["snapshots"]),
         runtime_min=int(res["runtime"]),
-        runs=(len(plan.matrix.methods) - len(refused)) * len(plan.matrix.seeds),
-        refused_runs=len(refused) * len(plan.matrix.seeds),
+        runs=(len(plan.matrix.methods) - len(refused)) * len(plan.matrix.seeds_of(model)),
+        refused_runs=len(refused) * len(plan.matrix.seeds_of(model)),
     )
     if training["backend"] == "verl":
         rules = [plan.resolver.bound_rule(model, m) for m in plan.matrix.methods if m not in refused]
@@ -195,7 +195,7 @@ def verl_refusals_by_method(plan: Plan, model: str) -> dict[str, list[str]]:
     work, with its messages (cppo.run.backends.verl_refusals, read by both)."""
     out = {}
     for method in plan.matrix.methods:
-        run = validate_run_config(plan.resolver.run_config(model, method, plan.matrix.seeds[0]))
+        run = validate_run_config(plan.resolver.run_config(model, method, plan.matrix.seeds_of(model)[0]))
         problems = verl_refusals(run)
         if problems:
             out[method] = problems
