@@ -475,7 +475,7 @@ class CPPOTrainer(GRPOTrainer):
         gather_ids = inputs.get("mu_topk_ids")
         if self._shared_prompt and self.accelerator.unwrap_model(model) is model:
             # (a wrapped model, e.g. DDP, must run its own forward to sync gradients)
-            def forward(rows: torch.Tensor) -> TokenStats:
+            def forward(rows: torch.Tensor | slice) -> TokenStats:
                 return shared_prompt_forward(
                     model,
                     prompt_ids[rows],
@@ -497,9 +497,9 @@ class CPPOTrainer(GRPOTrainer):
                     rest = forward(order[n:])
                 stats = TokenStats.cat([live, rest], order)
             else:
-                # nothing in the loss: a full graph still, so every gradient is a zero (AdamW
-                # moves weights on zero gradients, not on missing ones)
-                stats = forward(torch.arange(len(in_loss), device=in_loss.device))
+                # every row in the loss, or none: then a full graph still, so every weight gets
+                # its zero gradient (AdamW moves weights on zero gradients, not on missing ones)
+                stats = forward(slice(None))
             gathered = None if stats.gathered is None else stats.gathered.detach()
             return stats.logps, stats.entropies, None, gathered
         width = completion_ids.size(1)
